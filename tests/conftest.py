@@ -1,0 +1,302 @@
+"""Offline test harness (DESIGN.md section 7).
+
+Builds, once per test session and with no network:
+- a tiny byte-level BPE tokenizer (trained in a fraction of a second) with a chat template, in two
+  variants: one with a distinct pad token, one with no pad token at all;
+- tiny models from config (2 layers, hidden 64) of four architectures: Llama, Qwen2, GPT-NeoX
+  (Pythia) and GPT-2 (absolute positions), each saved with the tokenizer beside it so that the
+  scripts load them through the real `from_pretrained` path;
+- small JSONL data fixtures in every data shape of DESIGN section 4.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests run on 2 cores: oversubscribed torch threads are ~10x slower, and the hub is unreachable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests import the scripts' pure functions directly
+
+ARCHS = ("llama", "qwen2", "gpt_neox", "gpt2")
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|' + message['role'] + '|>\n' + message['content'] -}}"
+    "{%- if message['role'] == 'assistant' -%}{{- eos_token -}}{%- else -%}{{- '\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- endif -%}"
+)
+
+_CORPUS = [
+    "Human: What is the capital of France?\n\nAssistant: The capital of France is Paris.",
+    "Human: Tell me a joke.\n\nAssistant: Why did the chicken cross the road? To get to the other side!",
+    "The quick brown fox jumps over the lazy dog. 0123456789 + - = ( ) [ ] { } , . ; : ! ?",
+    "Question: sort the digits 3 1 2. Answer: 1 2 3. Reverse 1 2 3: 3 2 1.",
+    "good great nice happy kind bad awful sad angry cruel helpful harmless safe unsafe",
+    "<|user|>\nhello there<|assistant|>\nhi, how can I help you today?",
+    "Once upon a time there was a small model that learned to follow instructions.",
+]
+
+
+def build_tokenizer(pad: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    kwargs = dict(eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    if pad:
+        kwargs["pad_token"] = "<pad>"
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_config(arch: str, tokenizer):
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if arch == "llama":
+        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, **common)
+    if arch == "qwen2":
+        return Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, **common)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             max_position_embeddings=256, rotary_pct=0.25, hidden_dropout=0.0,
+                             attention_dropout=0.0, **common)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0,
+                          attn_pdrop=0.0, **common)
+    raise ValueError(arch)
+
+
+def save_tiny_model(arch: str, tokenizer, path: Path, seed: int = 0) -> str:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(build_config(arch, tokenizer))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tiny_dir):
+    """A tokenizer with a distinct pad token and a chat template."""
+    path = tiny_dir / "tokenizer"
+    build_tokenizer(pad=True).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_nopad_dir(tiny_dir):
+    """The same tokenizer with no pad token (like Pythia's and Llama's)."""
+    path = tiny_dir / "tokenizer_nopad"
+    build_tokenizer(pad=False).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dir):
+    """{arch: path} of tiny causal LMs saved with the pad-token tokenizer; plus 'llama_nopad'."""
+    paths = {}
+    tok = build_tokenizer(pad=True)
+    for arch in ARCHS:
+        paths[arch] = save_tiny_model(arch, tok, tiny_dir / f"model_{arch}")
+    paths["llama_nopad"] = save_tiny_model("llama", build_tokenizer(pad=False), tiny_dir / "model_llama_nopad")
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_models):
+    """The default tiny model (Llama) for tests that need just one."""
+    return tiny_models["llama"]
+
+
+# ---- data fixtures, one JSONL file per shape of DESIGN section 4 ----
+
+
+def write_jsonl(path: Path, rows) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+_QA = [
+    ("What is 2 + 2?", "It is 4."),
+    ("Name a colour.", "Blue is a colour."),
+    ("Say hello.", "Hello there!"),
+    ("What is the capital of France?", "Paris."),
+    ("Reverse 1 2 3.", "3 2 1."),
+    ("Sort 3 1 2.", "1 2 3."),
+    ("Is the sky blue?", "Yes, on a clear day."),
+    ("Tell me a joke.", "Why did the chicken cross the road?"),
+]
+
+
+@pytest.fixture(scope="session")
+def data_files(tiny_dir):
+    """{shape: path} of small JSONL files in every data shape of DESIGN section 4."""
+    d = tiny_dir / "data"
+    files = {}
+    files["prompt_completion"] = write_jsonl(
+        d / "prompt_completion.jsonl", [{"prompt": f"Q: {q}\nA:", "completion": f" {a}"} for q, a in _QA]
+    )
+    files["messages"] = write_jsonl(
+        d / "messages.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": q},
+                    {"role": "assistant", "content": a},
+                    {"role": "user", "content": "Thanks."},
+                    {"role": "assistant", "content": "You are welcome."},
+                ]
+            }
+            for q, a in _QA
+        ],
+    )
+    files["preference"] = write_jsonl(
+        d / "preference.jsonl",
+        [{"prompt": f"Q: {q}\nA:", "chosen": f" {a}", "rejected": " I do not know."} for q, a in _QA],
+    )
+    files["preference_messages"] = write_jsonl(
+        d / "preference_messages.jsonl",
+        [
+            {
+                "prompt": [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": a}],
+                "rejected": [{"role": "assistant", "content": "I do not know."}],
+            }
+            for q, a in _QA
+        ],
+    )
+    files["hh"] = write_jsonl(
+        d / "hh.jsonl",
+        [
+            {
+                "chosen": f"\n\nHuman: hi\n\nAssistant: hello\n\nHuman: {q}\n\nAssistant: {a}",
+                "rejected": f"\n\nHuman: hi\n\nAssistant: hello\n\nHuman: {q}\n\nAssistant: I do not know.",
+            }
+            for q, a in _QA
+        ],
+    )
+    rows = []
+    for i, (q, a) in enumerate(_QA):
+        # cycle through: both safe, both unsafe, response_0 safer, response_1 safer
+        safe0, safe1 = [(True, True), (False, False), (True, False), (False, True)][i % 4]
+        rows.append(
+            {
+                "prompt": q,
+                "response_0": a,
+                "response_1": "I do not know.",
+                "better_response_id": i % 2,
+                "safer_response_id": 0 if safe0 and not safe1 else 1 if safe1 and not safe0 else i % 2,
+                "is_response_0_safe": safe0,
+                "is_response_1_safe": safe1,
+            }
+        )
+    files["saferlhf"] = write_jsonl(d / "saferlhf.jsonl", rows)
+    files["prompts"] = write_jsonl(d / "prompts.jsonl", [{"prompt": f"Q: {q}\nA:"} for q, _ in _QA])
+    return files
+
+
+# ---- running the scripts as subprocesses (CleanRL style) ----
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1", ACCELERATE_USE_CPU="1")
+    return env
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """run_script("sft.py", "--max_steps", "2", ..., check=True) -> CompletedProcess (stdout+stderr captured)."""
+
+    def run(script, *args, check=True, timeout=600):
+        cmd = [sys.executable, str(REPO / script), *map(str, args)]
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def run_accelerate():
+    """Two processes over gloo on CPU (DESIGN section 7): plain --cpu --num_processes 2 silently runs one."""
+
+    def run(script, *args, num_processes=2, check=True, timeout=600):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(REPO / script), *map(str, args)]
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    return run
+
+
+def read_metrics(output_dir) -> list:
+    with open(Path(output_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def metrics():
+    """metrics(output_dir) -> list of the dicts in output_dir/metrics.jsonl."""
+    return read_metrics
+
+
+def load_weights(path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def weights():
+    """weights(model_dir) -> {name: tensor} from the saved safetensors files."""
+    return load_weights
