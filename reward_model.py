@@ -65,9 +65,9 @@ class Args:
     max_prompt_length: Optional[int] = None
     """prompts longer than this keep their last tokens (None: prompts are not truncated)"""
     center_rewards_coefficient: float = 0.0
-    """weight of the penalty c * (r_chosen + r_rejected)^2 that keeps rewards centred at 0 (Eisenstein et al. 2023; 0: off)"""
+    """weight c of the penalty c * (r_chosen + r_rejected)^2 that keeps rewards near 0 (Eisenstein et al. 2023)"""
     eval_only: bool = False
-    """score model_name_or_path (a reward model) on eval_split (else train_split) and write the eval metrics; no training"""
+    """no training: score the reward model at model_name_or_path on eval_split (else train_split)"""
     # ---- optimization (defaults: Tulu 2.5 App. F, one epoch at 1e-5 with 3% warmup) ----
     seed: int = 1
     """random seed (head init, data order)"""
@@ -331,6 +331,9 @@ def find_checkpoint(output_dir, resume_from_checkpoint: Optional[str]) -> Option
 def to_reward_pairs(ds: Dataset, filter: str = "none") -> Dataset:
     """Any preference shape -> columns prompt, chosen, rejected, margin (an optional `margin` column is
     kept for the margin loss; 0 when absent)."""
+    if filter != "none" and "safer_response_id" not in ds.column_names:
+        raise DataError(f"--filter {filter} needs SafeRLHF-style data (is_response_*_safe columns); "
+                        f"found columns {sorted(ds.column_names)}")
     margins = list(ds["margin"]) if "margin" in ds.column_names else None
     pairs = to_preference(ds, filter)
     if margins is None:
@@ -468,7 +471,7 @@ def write_eval_results(metrics: dict, n_pairs: int, output_dir):
 
 def main(args: Args):
     # ---- validate arguments and data before any model is loaded ----
-    if args.per_device_train_batch_size < 1 or args.gradient_accumulation_steps < 1 or args.per_device_eval_batch_size < 1:
+    if min(args.per_device_train_batch_size, args.per_device_eval_batch_size, args.gradient_accumulation_steps) < 1:
         raise DataError("batch sizes and gradient_accumulation_steps must be >= 1")
     accelerator = Accelerator(
         mixed_precision="bf16" if args.bf16 else None,
@@ -608,7 +611,7 @@ def main(args: Args):
         write_eval_results(last_eval, len(evals), args.output_dir)
     config = accelerator.unwrap_model(model).config
     config.reward_mean, config.reward_std = last_eval["eval/reward_mean"], last_eval["eval/reward_std"]
-    accelerator.print(f"reward_mean={config.reward_mean:.4f} reward_std={config.reward_std:.4f} (stored in config.json)")
+    accelerator.print(f"reward_mean={config.reward_mean:.4f} reward_std={config.reward_std:.4f} (in config.json)")
     save_model(accelerator, model, tokenizer, args.output_dir)
     accelerator.end_training()
 

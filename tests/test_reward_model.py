@@ -129,6 +129,8 @@ def test_saferlhf_construction_and_filters(data_files):
     assert pairs[1]["chosen"] == ds[1]["response_1"]
     assert len(rm.to_reward_pairs(ds, "dual_safe")) == 6
     assert len(rm.to_reward_pairs(ds, "dual_unsafe")) == 6
+    with pytest.raises(rm.DataError, match="needs SafeRLHF-style data"):  # not silently ignored elsewhere
+        rm.to_reward_pairs(rm.load_split(data_files["preference"], None, "train"), "dual_safe")
 
 
 def test_margin_column_and_collate(tmp_path, tiny_model):
