@@ -589,6 +589,8 @@ def weights_sha256(model) -> str:
 @torch.no_grad()
 def compute_ref_logps(accelerator, model, pairs: list, batch_size: int, pad_id: int):
     """Reference log-probs of every pair, computed once, in batches, each process a share; stored in the pairs."""
+    if not pairs:
+        return
     was_training = model.training
     model.eval()
     results = []
