@@ -686,6 +686,10 @@ def build_iteration_pairs(accelerator, policy, tokenizer, prompts: list, scorer,
         if out is None:
             n_dropped += 1
             continue
+        (best_ids, _, best), (worst_ids, _, worst) = group[choice[0]], group[choice[1]]
+        out[0]["record"] = {"prompt": prompt_text(tokenizer, prompts[i]["prompt"]),  # for iter_K/pairs.jsonl
+                            "chosen": tokenizer.decode(best_ids, skip_special_tokens=True), "chosen_score": best,
+                            "rejected": tokenizer.decode(worst_ids, skip_special_tokens=True), "rejected_score": worst}
         pairs.append(out[0])
         n_truncated += out[1]
     accelerator.print(f"{name}: {len(pairs)} pairs from {len(by_prompt)} prompts x {k} samples, "
@@ -993,10 +997,7 @@ def main(args: Args):
         accelerator.free_memory()  # drop this iteration's optimizer and wrappers before the next
         if accelerator.is_main_process:
             with open(iter_dir / "pairs.jsonl", "w") as f:
-                for pair in train_pairs:
-                    f.write(json.dumps({"prompt": tokenizer.decode(pair["chosen_input_ids"][:pair["chosen_mask"].index(1)]),
-                                        "chosen": tokenizer.decode([t for t, m in zip(pair["chosen_input_ids"], pair["chosen_mask"]) if m]),
-                                        "rejected": tokenizer.decode([t for t, m in zip(pair["rejected_input_ids"], pair["rejected_mask"]) if m])}) + "\n")
+                f.writelines(json.dumps(pair["record"]) + "\n" for pair in train_pairs)
             (iter_dir / "iteration.json").write_text(json.dumps(
                 {"iteration": iteration, "step": step, "reference_sha256": ref_hash, **stats}))
         accelerator.wait_for_everyone()
