@@ -437,6 +437,15 @@ def compute_gae(rewards, values, mask, gamma: float, lam: float):
     return advantages, (advantages + values) * mask
 
 
+def compute_advantages(rewards, values, mask, gamma: float, lam: float, whiten: bool, reduce=None):
+    """GAE advantages and returns; with `whiten` (key factor 1, Sec. 5) the advantages are whitened over the
+    rollout batch, masked (Tulu 2.5 App. F: whiten advantages, not rewards). Returns are never whitened."""
+    advantages, returns = compute_gae(rewards, values, mask, gamma, lam)
+    if whiten:
+        advantages = masked_whiten(advantages, mask, reduce=reduce)
+    return advantages, returns
+
+
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token KL(pi || pi_ref) estimate from the sampled token. k1 = log pi - log pi_ref (unbiased,
     can be negative); k3 = (r - 1) - log r with r = pi_ref / pi (unbiased, never negative)."""
@@ -999,7 +1008,8 @@ def main(args: Args):
         if args.normalize_value:
             values = values * value_stats.std + value_stats.mean
         values = values * mask
-        advantages, returns = compute_gae(rewards, values, mask, args.gamma, args.lam)
+        advantages, returns = compute_advantages(rewards, values, mask, args.gamma, args.lam, args.whiten_advantages,
+                                                 reduce_sum)
         explained_variance = 1 - masked_var(returns - values, mask, reduce_sum) / masked_var(returns, mask, reduce_sum).clamp(min=1e-8)
         if args.normalize_value:
             value_stats.update(returns, mask, reduce_sum)
@@ -1007,8 +1017,6 @@ def main(args: Args):
             old_values = (values - value_stats.mean) / value_stats.std * mask
         else:
             returns_target, old_values = returns, values
-        if args.whiten_advantages:  # key factor 1 (Sec. 5): whiten over the global rollout batch, masked
-            advantages = masked_whiten(advantages, mask, reduce=reduce_sum)
         rollout_seconds = time.time() - t0
 
         # ---- PPO update: ppo_epochs x num_minibatches optimizer steps, micro-batches accumulated ----
