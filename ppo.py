@@ -35,7 +35,7 @@ from typing import Literal, Optional
 
 import torch
 import tyro
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 from datasets import Dataset, load_dataset
 from tqdm.auto import tqdm
@@ -869,15 +869,18 @@ def main(args: Args):
         raise DataError("give exactly one of --reward_model_name_or_path and --reward_fn")
     if args.temperature <= 0:
         raise DataError("temperature must be > 0 (PPO needs sampled rollouts)")
-    sizes = derive_batch_sizes(args, PartialState().num_processes)
-    ga = sizes["gradient_accumulation_steps"]
     accelerator = Accelerator(
         mixed_precision="bf16" if args.bf16 else None,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=ga, sync_with_dataloader=False),
+        # Accumulation counts micro-batches per minibatch by hand (sync_with_dataloader=False); the number of
+        # steps depends on the process count, so it is set below, before prepare().
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
     )
+    sizes = derive_batch_sizes(args, accelerator.num_processes)
+    ga = sizes["gradient_accumulation_steps"]
+    accelerator.gradient_accumulation_steps = ga
     set_seed(args.seed)
     tokenizer = load_tokenizer(args)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
