@@ -943,6 +943,7 @@ def main(args: Args):
                                    {"params": critic.parameters(), "lr": args.critic_learning_rate}],
                                   weight_decay=args.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    iters_per_epoch = min(iters_per_epoch, len(loader))  # the sharded loader's own count (they agree)
     ref_model.to(accelerator.device)
     if reward_model is not None:
         reward_model.to(accelerator.device)

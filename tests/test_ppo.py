@@ -197,7 +197,7 @@ def test_learns_with_a_trained_reward_model(tiny_model, reward_file, run_script,
     scores = [r["objective/scores"] for r in metrics(out) if "objective/scores" in r]
     first, last = statistics.fmean(scores[:3]), statistics.fmean(scores[-3:])
     print(f"reward-model score: first 3 iterations {first:.3f}, last 3 iterations {last:.3f}")
-    assert last > first + 0.5 * statistics.pstdev(scores[:3] + scores[-3:]) and last > first, (first, last)
+    assert last > first + 1.0, (first, last)
 
 
 # ---- scale: two processes, resume ----
