@@ -130,9 +130,13 @@ def test_reward_model_path_and_baseline_switches(tiny_model, tokenizer_dir, data
     out = tmp_path / "run"
     run_script("ppo.py", *small_run(tiny_model, data_files["prompts"], out, "--reward_model_name_or_path", rm,
                                     "--normalize_reward", "--num_iterations", 2, "--save_steps", 1,
-                                    "--no-whiten_advantages", "--ref_ema", 0, "--missing_eos_penalty", -10.0))
+                                    "--no-whiten_advantages", "--ref_ema", 0, "--missing_eos_penalty", -10.0,
+                                    "--num_minibatches", 1, "--temperature", 0.7))
     train = [r for r in metrics(out) if "objective/scores" in r]
     assert len(train) == 2 and all(math.isfinite(r[k]) for r in train for k in TRAIN_METRICS)
+    # One minibatch: the update's first forward sees exactly the rollout policy, so the rollout log-probs
+    # (chunked, no_grad, at the sampling temperature) must equal the training forward's: ratio 1.
+    assert all(r["policy/approxkl"] < 1e-9 and r["policy/clipfrac"] == 0 for r in train)
     args = json.loads((out / "args.json").read_text())
     assert args["whiten_advantages"] is False and args["ref_ema"] == 0.0
     assert reference_equals_sft(out / "checkpoints" / "step_1", tiny_model)  # ref_ema = 0: untouched
