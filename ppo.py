@@ -591,7 +591,8 @@ def derive_batch_sizes(args, num_processes: int) -> dict:
         "prompts_per_iteration": args.per_device_prompt_batch_size * num_processes,
         "local_minibatch_size": local_rollout // max(args.num_minibatches, 1),
         "minibatch_size": local_rollout * num_processes // max(args.num_minibatches, 1),  # paper: 128
-        "gradient_accumulation_steps": local_rollout // max(args.num_minibatches, 1) // max(args.per_device_train_batch_size, 1),
+        "gradient_accumulation_steps":
+            local_rollout // max(args.num_minibatches, 1) // max(args.per_device_train_batch_size, 1),
         "optimizer_steps_per_iteration": args.ppo_epochs * args.num_minibatches,
     }
     if min(args.per_device_prompt_batch_size, args.samples_per_prompt, args.num_minibatches,
@@ -764,7 +765,8 @@ class Scorer:
         self.std = float(getattr(config, "reward_std", 1.0)) if args.normalize_reward and config else 1.0
 
     def texts(self, prompts, prompt_mask, responses, response_mask):
-        prompt_texts = [self.tokenizer.decode(p[m.bool()].tolist(), skip_special_tokens=True) for p, m in zip(prompts, prompt_mask)]
+        prompt_texts = [self.tokenizer.decode(p[m.bool()].tolist(), skip_special_tokens=True)
+                        for p, m in zip(prompts, prompt_mask)]
         completions = [self.tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
                        for r, m in zip(responses, response_mask)]
         return prompt_texts, completions
@@ -948,7 +950,8 @@ def main(args: Args):
     if reward_model is not None:
         reward_model.to(accelerator.device)
     total_optimizer_steps = num_iterations * sizes["optimizer_steps_per_iteration"]
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_optimizer_steps),
+    scheduler = get_scheduler(args.lr_scheduler, optimizer,
+                              num_warmup_steps=math.ceil(args.warmup_ratio * total_optimizer_steps),
                               num_training_steps=total_optimizer_steps)
     value_stats, kl_ctl = RunningMeanStd(), AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
     # Not prepared, so saved through register_for_checkpointing; the EMA'd reference is training state too.
@@ -1014,7 +1017,8 @@ def main(args: Args):
         values = values * mask
         advantages, returns = compute_advantages(rewards, values, mask, args.gamma, args.lam, args.whiten_advantages,
                                                  reduce_sum)
-        explained_variance = 1 - masked_var(returns - values, mask, reduce_sum) / masked_var(returns, mask, reduce_sum).clamp(min=1e-8)
+        explained_variance = 1 - (masked_var(returns - values, mask, reduce_sum)
+                                  / masked_var(returns, mask, reduce_sum).clamp(min=1e-8))
         if args.normalize_value:
             value_stats.update(returns, mask, reduce_sum)
             returns_target = (returns - value_stats.mean) / value_stats.std * mask
@@ -1099,7 +1103,8 @@ def main(args: Args):
                         "eps": sizes["rollout_batch_size"] / max(rollout_seconds + update_seconds, 1e-9)})
         if step % args.logging_steps == 0 or step == num_iterations:
             log.log(metrics, step)
-        bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+        bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}",
+                        eps=f"{metrics['eps']:.0f}")
 
         # ---- evaluation, best checkpoint (the paper selects the checkpoint with the best validation reward) ----
         if eval_prompts and (step % args.eval_steps == 0 or step == num_iterations):

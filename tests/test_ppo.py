@@ -155,7 +155,8 @@ def test_scorer_reads_the_reward_at_the_last_token_normalized_and_retokenized(to
     responses = torch.tensor([first, second])
     responses, mask, has_eos = ppo.truncate_after_eos(responses, tok.eos_token_id, tok.pad_token_id)
     args = SimpleNamespace(normalize_reward=True, reward_fn=None)
-    scores = ppo.Scorer(args, tok, torch.device("cpu"), rm)(batch["input_ids"], batch["attention_mask"], responses, mask, has_eos)
+    scorer = ppo.Scorer(args, tok, torch.device("cpu"), rm)
+    scores = scorer(batch["input_ids"], batch["attention_mask"], responses, mask, has_eos)
     with torch.no_grad():
         for b in range(2):  # score the unpadded sequence on its own: the head at its final token
             ids = prompts[b] + responses[b][mask[b].bool()].tolist()
