@@ -1,0 +1,38 @@
+"""The stage scripts repeat small helpers instead of importing a local module (DESIGN section 2).
+The copies must stay byte-identical, so a fix made in one file is carried to every file."""
+
+import ast
+from itertools import combinations
+
+import pytest
+from conftest import REPO
+
+SCRIPTS = ["sft.py", "reward_model.py", "dpo.py", "ppo.py"]
+SHARED = ["DataError", "load_split", "split_hh_transcript", "to_preference", "render_chat", "encode_prompt",
+          "encode_completion", "truncate", "pad", "position_ids_from", "token_logprobs", "load_tokenizer",
+          "MetricsLog", "write_args", "save_model", "save_checkpoint", "find_checkpoint", "last_token_index",
+          "score_tokens"]
+
+
+def definitions(script):
+    source = (REPO / script).read_text()
+    tree = ast.parse(source)
+    return {node.name: ast.get_source_segment(source, node) for node in tree.body
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_shared_helper_copies_are_identical(name):
+    copies = {s: d[name] for s in SCRIPTS if name in (d := definitions(s))}
+    assert copies, f"{name} is defined in no script"
+    for (a, src_a), (b, src_b) in combinations(copies.items(), 2):
+        assert src_a == src_b, f"{name} differs between {a} and {b}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS + ["synthetic_toy.py"])
+def test_scripts_import_no_local_module(script):
+    local = {s[:-3] for s in SCRIPTS + ["synthetic_toy.py"]} | {"utils", "common", "helpers"}
+    for node in ast.walk(ast.parse((REPO / script).read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        assert not any(n.split(".")[0] in local for n in names), f"{script} imports {names}"
