@@ -6,10 +6,12 @@ Paper: "Is DPO Superior to PPO for LLM Alignment?" (seeds/000). Two parts:
    DPO (Eq. 7) reaches its minimum with a policy that puts 0.9 on y3, an action the data never saw;
    the KL-regularized RL optimum (Eq. 5/8) keeps y3 at zero for any reward (Theorem 4.1).
 2. Sec. 4.2: 8 prompts x 8 responses, the optimal response of prompt x is y = x (the diagonal).
-   MLP policy and MLP reward model on one-hot prompts. DPO on the pairs vs. a Bradley-Terry reward
+   MLP policy and MLP reward model on one-hot prompts; pi_ref (default --ref_policy covered) is fit by
+   maximum likelihood to the responses the pairs cover, so uncovered cells get low pi_ref (Theorem 4.1). DPO on the pairs vs. a Bradley-Terry reward
    model (Eq. 4) followed by PPO with a KL penalty to pi_ref (Eq. 2), plus iterative DPO.
 
-Run: python synthetic_toy.py            (CPU, no download, < 1 minute)
+Run: python synthetic_toy.py            (CPU, no download, ~10 s; uses 1 torch thread unless
+     OMP_NUM_THREADS is set). Writes results.json, args.json and synthetic_toy.png to --output_dir.
 """
 
 import json
@@ -17,7 +19,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import List
+from typing import List, Literal
 
 import matplotlib
 
@@ -45,6 +47,17 @@ class Args:
     """coverage: preference pairs per prompt, each (chosen = diagonal, rejected = a distinct random other)"""
     hidden_size: int = 32
     """width of the one-hidden-layer MLPs (policy, reference, reward model)"""
+
+    # reference policy
+    ref_policy: Literal["untrained", "covered"] = "covered"
+    """pi_ref: 'untrained' = the freshly initialized MLP (near uniform, ~1/8 per cell); 'covered' = that MLP
+    fit by maximum likelihood to the responses the preference pairs of each prompt cover (chosen and
+    rejected alike, uniform over the distinct covered responses, so pi_ref does not know which is better);
+    uncovered cells keep a low but non-zero probability. Every policy starts from a copy of pi_ref."""
+    ref_steps: int = 200
+    """--ref_policy covered: full-batch Adam steps of the maximum-likelihood fit of pi_ref"""
+    ref_learning_rate: float = 1e-2
+    """--ref_policy covered: Adam learning rate of the maximum-likelihood fit of pi_ref"""
 
     # DPO (Eq. 7)
     dpo_steps: int = 300
@@ -174,6 +187,22 @@ def all_log_probs(policy: nn.Module, num_prompts: int) -> torch.Tensor:
 # ---- training ----
 
 
+def train_reference_mle(ref, covered, steps, lr):
+    """--ref_policy covered: maximum likelihood (cross-entropy) of pi_ref on the covered responses of
+    each prompt, target uniform over the distinct responses that appear in that prompt's pairs (chosen
+    and rejected alike), full batch. Finite steps, so uncovered cells stay low but non-zero."""
+    target = covered.float() / covered.float().sum(-1, keepdim=True)
+    opt = torch.optim.Adam(ref.parameters(), lr=lr)
+    n = covered.shape[0]
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        loss = -(target * all_log_probs(ref, n)).sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
 def train_dpo(policy, ref_logps, prompts, chosen, rejected, beta, steps, lr):
     """Eq. 7, full batch. ref_logps: [prompts, responses] log pi_ref, precomputed (frozen reference)."""
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
@@ -262,8 +291,14 @@ def run_seed(args: Args, seed: int) -> dict:
     prompts, chosen, rejected, covered = make_preference_data(P, R, args.pairs_per_prompt, gen)
 
     # ---- reference policy: an untrained MLP (near uniform, ~1/8 on every cell, cf. the paper's
-    # red circle with pi_ref = 0.11); every policy below starts from a copy of it ----
+    # red circle with pi_ref = 0.11), or with --ref_policy covered that MLP fit by maximum likelihood to
+    # the covered responses; every policy below starts from a copy of it ----
     ref = make_mlp(P, args.hidden_size, R)
+    ref_final_loss = None
+    if args.ref_policy == "covered":
+        ref_final_loss = train_reference_mle(ref, covered, args.ref_steps, args.ref_learning_rate)
+    elif args.ref_policy != "untrained":
+        raise ValueError(f"unknown ref_policy {args.ref_policy!r}")
     ref_state = {k: v.clone() for k, v in ref.state_dict().items()}
     with torch.no_grad():
         ref_logps = all_log_probs(ref, P)
@@ -306,7 +341,7 @@ def run_seed(args: Args, seed: int) -> dict:
         "reward": rewards.tolist(),
         "eq8_policy_from_learned_reward": probs_eq8.tolist(),
         "metrics": {k: coverage_metrics(v, pi_ref, covered, args.rise_tol) for k, v in probs.items()},
-        "final_losses": {"dpo": dpo_final_loss, "reward_model": rm_final_loss},
+        "final_losses": {"dpo": dpo_final_loss, "reward_model": rm_final_loss, "ref_mle": ref_final_loss},
         "ppo": ppo_stats,
     }
 
@@ -348,7 +383,8 @@ def summarize(runs: List[dict]) -> dict:
 
 def format_table2(summary: dict, args: Args) -> str:
     n_unc = args.num_prompts * (args.num_responses - 1 - args.pairs_per_prompt)
-    lines = [f"Sec. 4.2 synthetic 8x8, seeds {args.seeds}, beta={args.beta}, {args.pairs_per_prompt} pairs/prompt "
+    lines = [f"Sec. 4.2 synthetic 8x8, ref_policy={args.ref_policy}, seeds {args.seeds}, beta={args.beta}, "
+             f"{args.pairs_per_prompt} pairs/prompt "
              f"({n_unc} uncovered cells), mean +- std over seeds",
              f"{'policy':<10}{'P(diagonal)':>18}{'P(uncovered)':>18}{'#uncovered up':>18}"]
     for name, m in summary.items():
@@ -401,9 +437,15 @@ def plot_figure1(run: dict, path: str, rise_tol: float) -> None:
 
 
 if __name__ == "__main__":
+    if "OMP_NUM_THREADS" not in os.environ:
+        # tiny models: extra threads only add overhead; on a shared 2-core machine the default thread
+        # count made the default run take 3 min instead of ~10 s (oversubscription)
+        torch.set_num_threads(1)
     args = tyro.cli(Args)
     start = time.time()
     os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
     print(format_table1(args))
     print()
     runs = [run_seed(args, s) for s in args.seeds]
@@ -413,4 +455,4 @@ if __name__ == "__main__":
     plot_figure1(runs[0], fig_path, args.rise_tol)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({"args": asdict(args), "summary": summary, "runs": runs}, f, indent=1)
-    print(f"\nwrote {fig_path} and results.json to {args.output_dir} in {time.time() - start:.1f}s")
+    print(f"\nwrote {fig_path}, args.json and results.json to {args.output_dir} in {time.time() - start:.1f}s")
