@@ -67,13 +67,29 @@ def test_data_diagonal_chosen_and_coverage():
     assert covered.sum().item() == 8 * 3
 
 
-# Paper claim (Sec. 4.2), mean over the default seeds. In this implementation it does NOT reproduce:
-# DPO puts LESS mass on uncovered cells than pi_ref (see docs/synthetic_toy.md). strict=True: if the
-# claim starts holding, this test fails and the docs must be updated.
-@pytest.mark.xfail(strict=True, reason="Sec. 4.2 claim does not reproduce with the default config")
-def test_paper_claim_default_config():
-    args = st.Args(dpo_iter_rounds=0)
+def test_reference_mle_covers_pairs_only():
+    g = torch.Generator().manual_seed(0)
+    _, _, _, covered = st.make_preference_data(8, 8, 2, g)
+    torch.manual_seed(0)
+    ref = st.make_mlp(8, 32, 8)
+    st.train_reference_mle(ref, covered, 200, 1e-2)
+    with torch.no_grad():
+        p = st.all_log_probs(ref, 8).exp()
+    # uniform over the 3 covered responses of each prompt (diagonal not favoured), uncovered low but > 0
+    assert torch.allclose(p[covered].view(8, 3), torch.full((8, 3), 1 / 3), atol=0.01)
+    assert (p[~covered] > 0).all() and p[~covered].max().item() < 0.01
+
+
+# Paper claim (Sec. 4.2) with the default config (ref_policy=covered), mean over held-out seeds
+# 100-104, which no hyper-parameter choice used (the old tuning used seeds 0-4). DPO-Iter is off: it
+# runs after DPO and PPO, so their results are unchanged. Per seed it holds on only 3 of these 5
+# seeds, and on 200-204 only by about 0.015 on the mean (docs/synthetic_toy.md).
+def test_paper_claim_default_config_heldout_seeds():
+    args = st.Args(dpo_iter_rounds=0, seeds=[100, 101, 102, 103, 104])
+    assert args.ref_policy == "covered"
     s = st.summarize([st.run_seed(args, seed) for seed in args.seeds])
     unc = {k: v["uncovered_mass"]["mean"] for k, v in s.items()}
     diag = {k: v["diag_prob"]["mean"] for k, v in s.items()}
-    assert unc["DPO"] > unc["pi_ref"] and unc["DPO"] > unc["PPO"] and diag["PPO"] > diag["DPO"]
+    assert unc["DPO"] > unc["pi_ref"]
+    assert unc["DPO"] > unc["PPO"]
+    assert diag["PPO"] > diag["DPO"]
