@@ -11,6 +11,7 @@ Builds, once per test session and with no network:
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -265,8 +266,11 @@ def run_accelerate():
     """Two processes over gloo on CPU (DESIGN section 7): plain --cpu --num_processes 2 silently runs one."""
 
     def run(script, *args, num_processes=2, check=True, timeout=600):
+        with socket.socket() as s:  # a free port, so parallel test workers never share a rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-               str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(num_processes), "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
                str(REPO / script), *map(str, args)]
         proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
