@@ -23,6 +23,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import shutil
 import sys
 import time
 import warnings

@@ -14,7 +14,6 @@ Self-contained on purpose: the small helpers below are repeated, byte-identical,
 
 import json
 import math
-import os
 import shutil
 import sys
 import time

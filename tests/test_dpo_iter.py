@@ -4,7 +4,6 @@ reward model; the second iteration's reference is the first iteration's trained 
 import json
 import shutil
 
-import pytest
 import torch
 from conftest import build_config, build_tokenizer
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

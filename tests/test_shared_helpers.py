@@ -36,3 +36,29 @@ def test_scripts_import_no_local_module(script):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
             [node.module or ""] if isinstance(node, ast.ImportFrom) else []
         assert not any(n.split(".")[0] in local for n in names), f"{script} imports {names}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_shared_helpers_only_use_names_the_script_defines(script):
+    """A helper copied into a file without the import it needs fails only on its rare paths (e.g.
+    save_checkpoint's cleanup of a stale .tmp directory), so check every global name it reads."""
+    import builtins
+
+    tree = ast.parse((REPO / script).read_text())
+    module_names = set(dir(builtins))
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            module_names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            module_names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            module_names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in SHARED:
+            local = {a.arg for n in ast.walk(node) if isinstance(n, ast.arguments)
+                     for a in n.args + n.kwonlyargs + [n.vararg, n.kwarg] if a is not None}
+            local |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            local |= {n.name for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.ExceptHandler))}
+            read = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+            assert not read - local - module_names, f"{script}:{node.name} reads undefined {read - local - module_names}"

@@ -5,7 +5,6 @@ import math
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from conftest import REPO, _env
