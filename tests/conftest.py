@@ -280,6 +280,16 @@ def run_accelerate():
     return run
 
 
+def assert_one_line_error(proc, *needles):
+    """Bad input: non-zero exit, no traceback, exactly one 'error: ...' line containing every needle."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
 def read_metrics(output_dir) -> list:
     with open(Path(output_dir) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import REPO, build_tokenizer, write_jsonl
+from conftest import REPO, assert_one_line_error, build_tokenizer, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dpo
@@ -237,15 +237,6 @@ def test_eval_only_writes_eval_metrics_without_training(tiny_models, data_files,
 
 
 # ---- bad input: one clear line, non-zero exit ----
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 def test_bad_input_errors(tiny_model, data_files, run_script, tmp_path):

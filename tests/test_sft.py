@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ARCHS, REPO, write_jsonl
+from conftest import ARCHS, REPO, assert_one_line_error, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sft
@@ -205,15 +205,6 @@ def test_resume_matches_uninterrupted_run(tiny_model, data_files, run_script, we
 
 
 # ---- bad input: one clear line, non-zero exit, before any model loads ----
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 def test_bad_input_errors(tiny_model, data_files, run_script, tmp_path):
