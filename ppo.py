@@ -115,7 +115,7 @@ class Args:
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
-    """gradient clipping norm (actor and critic each)"""
+    """gradient clipping norm (actor and critic each; under DeepSpeed, the config's joint gradient_clipping)"""
     gamma: float = 1.0
     """discount factor (paper App. A.2)"""
     lam: float = 1.0
@@ -928,7 +928,10 @@ def main(args: Args):
     frozen_dtype = torch.bfloat16 if args.bf16 else None
     load = dict(trust_remote_code=args.trust_remote_code)
     policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **load)
-    ref_model = freeze(AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=frozen_dtype, **load))
+    # With the reference EMA on, the reference stays in fp32: an EMA step of 0.01 * (policy - ref) is mostly
+    # below bfloat16's resolution and would round to zero, silently switching key factor 3 off.
+    ref_dtype = frozen_dtype if args.ref_ema == 0 else None
+    ref_model = freeze(AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=ref_dtype, **load))
     reward_model = None
     if args.reward_model_name_or_path:
         reward_model = freeze(AutoModelForSequenceClassification.from_pretrained(
