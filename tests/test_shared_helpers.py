@@ -2,6 +2,9 @@
 The copies must stay byte-identical, so a fix made in one file is carried to every file."""
 
 import ast
+import dataclasses
+import importlib
+import re
 from itertools import combinations
 
 import pytest
@@ -62,3 +65,15 @@ def test_shared_helpers_only_use_names_the_script_defines(script):
             local |= {n.name for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.ExceptHandler))}
             read = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
             assert not read - local - module_names, f"{script}:{node.name} reads undefined {read - local - module_names}"
+
+
+@pytest.mark.parametrize("script", ["sft.py", "dpo.py"])
+def test_help_documents_every_argument(script, run_script):
+    help_text = run_script(script, "--help").stdout
+    flat = " ".join(re.sub(r"[│╭╮╰╯─]", " ", help_text).split())
+    source = (REPO / script).read_text()
+    for field in dataclasses.fields(importlib.import_module(script[:-3]).Args):
+        assert f"--{field.name.replace('_', '-')}" in flat, field.name
+        doc = re.search(rf"\n    {field.name}: [^\n]*\n    \"\"\"(.+?)\"\"\"", source)
+        assert doc, f"{field.name} has no docstring"
+        assert " ".join(doc.group(1).split()[:4]) in flat, field.name
