@@ -514,17 +514,19 @@ def main(args: Args):
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad()
-                window_loss += accelerator.reduce(loss_sum.detach(), "sum").item()
-                window_tokens += int(accelerator.reduce(batch["attention_mask"].sum(), "sum").item())
+                # summed locally; reduced across processes only when logging (no sync per micro-batch)
+                window_loss += loss_sum.detach()
+                window_tokens += batch["attention_mask"].sum()
             window_loss_tokens += n_tokens.item()
             step += 1
             bar.update(1)
 
             if step % args.logging_steps == 0 or step == total_steps:
                 elapsed = time.time() - window_start
-                metrics = {"train/loss": window_loss / window_loss_tokens,  # per completion token
+                window_loss, window_tokens = accelerator.reduce(torch.stack([window_loss, window_tokens.float()]), "sum")
+                metrics = {"train/loss": window_loss.item() / window_loss_tokens,  # per completion token
                            "train/lr": scheduler.get_last_lr()[0],
-                           "train/tokens_per_second": window_tokens / max(elapsed, 1e-9),
+                           "train/tokens_per_second": window_tokens.item() / max(elapsed, 1e-9),
                            "epoch": step / steps_per_epoch}
                 log.log(metrics, step)
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['train/tokens_per_second']:.0f}")
