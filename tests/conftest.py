@@ -146,6 +146,55 @@ def tiny_model(tiny_models):
     return tiny_models["llama"]
 
 
+@pytest.fixture(scope="session")
+def tiny_model_bf16(tiny_dir):
+    """The tiny Llama saved in bfloat16, as most hub checkpoints are (transformers 5 keeps that dtype
+    unless the script asks for another)."""
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_model("llama", build_tokenizer(pad=True), tiny_dir / "model_llama_bf16_src")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    out = tiny_dir / "model_llama_bf16"
+    model.save_pretrained(out, safe_serialization=True)
+    build_tokenizer(pad=True).save_pretrained(out)
+    return str(out)
+
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+
+@pytest.fixture(scope="session")
+def chatml_model(tiny_dir):
+    """A tiny Llama whose tokenizer follows Qwen2.5-Instruct: ChatML template, EOS = '<|im_end|>', and
+    each turn rendered as '...<|im_end|>\n' (the EOS is followed by a newline)."""
+    tok = build_tokenizer(pad=True)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = CHATML_TEMPLATE
+    return save_tiny_model("llama", tok, tiny_dir / "model_chatml")
+
+
+@pytest.fixture(scope="session")
+def dropout_model(tiny_dir):
+    """A tiny Llama with attention_dropout=0.3, read as a float by the attention (no nn.Dropout module)."""
+    from transformers import AutoModelForCausalLM
+
+    tok = build_tokenizer(pad=True)
+    config = build_config("llama", tok)
+    config.attention_dropout = 0.3
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    path = tiny_dir / "model_llama_dropout"
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 # ---- data fixtures, one JSONL file per shape of DESIGN section 4 ----
 
 
@@ -280,6 +329,31 @@ def run_accelerate():
     return run
 
 
+@pytest.fixture(scope="session")
+def run_deepspeed():
+    """DeepSpeed ZeRO-2/3 on 2 CPU processes (DESIGN section 7) through the shipped config files:
+    run_deepspeed("sft.py", *args, stage=3, bf16=False). DeepSpeed's CPU accelerator speaks gloo; the
+    test-only sitecustomize in tests/deepspeed_shim makes accelerate accept that backend."""
+
+    def run(script, *args, stage=2, bf16=False, num_processes=2, check=True, timeout=600):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = _env()
+        env.pop("ACCELERATE_USE_CPU")  # it would switch DeepSpeed off
+        env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO / "tests" / "deepspeed_shim"))
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "accelerate_configs" / f"deepspeed_zero{stage}.yaml"), "--num_processes", str(num_processes),
+               "--main_process_port", str(port), "--mixed_precision", "bf16" if bf16 else "no",
+               str(REPO / script), *map(str, args)]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    return run
+
+
 def assert_one_line_error(proc, *needles):
     """Bad input: non-zero exit, no traceback, exactly one 'error: ...' line containing every needle."""
     assert proc.returncode != 0
@@ -288,6 +362,19 @@ def assert_one_line_error(proc, *needles):
     assert len(errors) == 1, proc.stderr
     for needle in needles:
         assert needle in errors[0], errors[0]
+
+
+def main_error(script: str, **kwargs) -> str:
+    """Run `script`'s main(Args(**kwargs)) in this process (no ~4 s subprocess start) and return the
+    message of the DataError it must raise: the one `error:` line the command line prints."""
+    import importlib
+
+    module = importlib.import_module(script[:-3])
+    with pytest.raises(module.DataError) as info:
+        module.main(module.Args(**kwargs))
+    message = str(info.value)
+    assert message and "\n" not in message, message
+    return message
 
 
 def read_metrics(output_dir) -> list:
