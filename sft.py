@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (SFT): the first stage of RLHF.
+"""Supervised fine-tuning (SFT): the first stage of RLHF, imitating demonstrations.
 
 The pre-trained model imitates demonstrations (Xu et al. 2024, Sec. 3 "SFT"). The loss is the
 negative log-likelihood of the completion tokens only; prompt and padding tokens carry no loss.
@@ -6,12 +6,15 @@ Preference datasets are accepted too and train on the preferred response, which 
 "SFT (Safe)" step (Sec. 4.3, Table 2): fine-tuning on the preference data's own responses reduces
 the distribution shift that hurts DPO.
 
-    python sft.py --model_name_or_path EleutherAI/pythia-160m --dataset_name trl-lib/tldr
-    accelerate launch --config_file accelerate_configs/multi_gpu.yaml sft.py ...
+    python sft.py --model_name_or_path path/to/model --dataset_name data.jsonl --output_dir outputs/sft
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml sft.py ...
 
-Self-contained on purpose: the small helpers below are repeated, byte-identical, in every script.
+Self-contained on purpose: the helpers fenced at the bottom are repeated, byte-identical, in every
+script that uses them.
 """
 
+import contextlib
+import importlib.util
 import json
 import math
 import shutil
@@ -25,18 +28,37 @@ from typing import Literal, Optional
 import torch
 import tyro
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    broadcast_object_list,
+    set_seed,
+)
 from datasets import Dataset, load_dataset
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    get_scheduler,
+)
 
 
 @dataclass
 class Args:
+    """Supervised fine-tuning (SFT): train a causal LM on demonstrations, with the loss on completion
+    tokens only (prompt-completion, chat `messages`, or the chosen side of preference data).
+
+    Example, offline with local files:
+    python sft.py --model_name_or_path path/to/model --dataset_name data.jsonl --max_steps 100
+    --output_dir outputs/sft
+    """
+
     # ---- model and data ----
     model_name_or_path: str = "EleutherAI/pythia-160m"
     """hub id or local directory of the causal LM to fine-tune"""
-    tokenizer_name_or_path: Optional[str] = None
+    tokenizer_name_or_path: str | None = None
     """tokenizer to use (defaults to model_name_or_path)"""
     init_from_scratch: bool = False
     """build the model from the config at model_name_or_path with fresh random weights"""
@@ -44,17 +66,17 @@ class Args:
     """allow model/tokenizer code from the hub to run (opt-in)"""
     dataset_name: str = "trl-lib/tldr"
     """hub id, or a local .json/.jsonl/.parquet file or a directory of them (files named after splits)"""
-    dataset_config: Optional[str] = None
+    dataset_config: str | None = None
     """hub dataset configuration name"""
     train_split: str = "train"
     """split to train on; slicing works, e.g. 'train[:90%]'"""
-    eval_split: Optional[str] = None
+    eval_split: str | None = None
     """split for eval loss and samples, e.g. 'test' or 'train[90%:]' (None: no evaluation)"""
     filter: Literal["none", "dual_safe", "dual_unsafe"] = "none"
     """SafeRLHF-style data: drop pairs where both responses are safe / both unsafe (paper Table 2)"""
     max_length: int = 512
     """maximum tokens of prompt + completion"""
-    max_prompt_length: Optional[int] = None
+    max_prompt_length: int | None = None
     """prompts longer than this keep their last tokens (None: prompts are not truncated)"""
     # ---- optimization ----
     seed: int = 1
@@ -80,233 +102,46 @@ class Args:
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
     bf16: bool = False
-    """train in bfloat16 mixed precision"""
+    """train in bfloat16 mixed precision (the weights stay float32)"""
     gradient_checkpointing: bool = False
     """trade compute for memory by recomputing activations"""
     # ---- logging, evaluation, saving ----
     output_dir: str = "outputs/sft"
     """where the model, args.json, metrics.jsonl, samples.jsonl and checkpoints/ go"""
+    overwrite_output_dir: bool = False
+    """replace a previous run in output_dir (its checkpoints, metrics and model)"""
     logging_steps: int = 10
     """log train metrics every this many optimizer steps"""
     eval_steps: int = 100
     """evaluate every this many optimizer steps (and at the end)"""
     save_steps: int = 500
     """write a resumable checkpoint every this many optimizer steps (0: never)"""
-    resume_from_checkpoint: Optional[str] = None
+    resume_from_checkpoint: str | None = None
     """'latest' or a path to output_dir/checkpoints/step_N to continue from"""
     num_samples: int = 4
     """eval prompts whose greedy completions are written to samples.jsonl at each eval"""
     max_new_tokens: int = 64
     """length of those sample completions"""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
-    """experiment tracker"""
+    """experiment tracker (its package must be installed)"""
 
 
-class DataError(ValueError):
-    """Bad input: reported as one line, before any model is loaded."""
+# ---- the loss (Sec. 3 "SFT"): next-token NLL on completion tokens only ----
 
 
-# ---------------------------------------------------------------------------------------------
-# ---- shared helpers (byte-identical in sft.py, reward_model.py, dpo.py, ppo.py) ----
-# ---------------------------------------------------------------------------------------------
+def sft_loss_sum(model, batch):
+    """Per sequence: the summed next-token NLL over completion tokens, and their count ([B], [B])."""
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=position_ids_from(batch["attention_mask"]),
+    ).logits
+    logps = token_logprobs(logits[:, :-1], batch["input_ids"][:, 1:])
+    mask = batch["loss_mask"][:, 1:].float()
+    return -(logps * mask).sum(-1), mask.sum(-1)
 
 
-def load_split(name: str, config: Optional[str], split: str) -> Dataset:
-    """A hub dataset, or local .json/.jsonl/.parquet file(s); a directory's files are named by split."""
-    path = Path(name)
-    if path.suffix in (".json", ".jsonl", ".parquet") or path.exists():
-        if not path.exists():
-            raise DataError(f"{name}: no such file")
-        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl", ".parquet")) if path.is_dir() else [path]
-        if not files or all(f.stat().st_size == 0 for f in files):
-            raise DataError(f"{name}: no data (empty file or no .json/.jsonl/.parquet files)")
-        data_files = {f.stem: str(f) for f in files} if path.is_dir() else {"train": str(path)}
-        builder = "parquet" if files[0].suffix == ".parquet" else "json"
-        try:
-            ds = load_dataset(builder, data_files=data_files, split=split)
-        except ValueError as e:  # unknown split, unreadable file
-            raise DataError(f"{name}: cannot load split '{split}' ({e})") from None
-    else:
-        ds = load_dataset(name, config, split=split)
-    if len(ds) == 0:
-        raise DataError(f"{name} split '{split}' is empty")
-    return ds
-
-
-def split_hh_transcript(chosen: str, rejected: str):
-    """HH-RLHF: the prompt is the shared text up to and including the last '\\n\\nAssistant:'."""
-    marker = "\n\nAssistant:"
-    cut = chosen.rfind(marker)
-    if cut < 0:
-        raise DataError(f"HH-RLHF transcript without '{marker.strip()}': {chosen[:60]!r}")
-    prompt = chosen[: cut + len(marker)]
-    if not rejected.startswith(prompt):
-        raise DataError(f"HH-RLHF pair whose transcripts diverge before the last turn: {prompt[:60]!r}")
-    return prompt, chosen[len(prompt):], rejected[len(prompt):]
-
-
-def to_preference(ds: Dataset, filter: str = "none") -> Dataset:
-    """Any preference shape of DESIGN section 4 -> columns prompt, chosen, rejected."""
-    cols = set(ds.column_names)
-    if {"response_0", "response_1", "better_response_id", "safer_response_id"} <= cols:
-        # Paper Sec. 4.3: prefer the safer response when safety differs, else the more helpful one.
-        def saferlhf(row):
-            safe = (row["is_response_0_safe"], row["is_response_1_safe"])
-            win = row["safer_response_id"] if safe[0] != safe[1] else row["better_response_id"]
-            return {"prompt": row["prompt"], "chosen": row[f"response_{win}"], "rejected": row[f"response_{1 - win}"]}
-
-        keep = {"none": lambda r: True,
-                "dual_safe": lambda r: not (r["is_response_0_safe"] and r["is_response_1_safe"]),
-                "dual_unsafe": lambda r: r["is_response_0_safe"] or r["is_response_1_safe"]}[filter]
-        n = len(ds)
-        ds = ds.filter(keep)
-        print(f"SafeRLHF construction: kept {len(ds)} of {n} pairs (filter={filter})")
-        ds = ds.map(saferlhf, remove_columns=ds.column_names)
-    elif {"prompt", "chosen", "rejected"} <= cols:
-        ds = ds.select_columns(["prompt", "chosen", "rejected"])
-    elif {"chosen", "rejected"} <= cols:
-        def hh(row):
-            prompt, chosen, rejected = split_hh_transcript(row["chosen"], row["rejected"])
-            return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-
-        ds = ds.map(hh, remove_columns=ds.column_names)
-    else:
-        raise DataError(f"dataset has columns {sorted(cols)}; expected one of: prompt+chosen+rejected, "
-                        "chosen+rejected (HH-RLHF), prompt+response_0+response_1+better_response_id+safer_response_id")
-    if len(ds) == 0:
-        raise DataError("no preference pairs left after filtering")
-    return ds
-
-
-def render_chat(tokenizer, messages, add_generation_prompt=False) -> str:
-    if tokenizer.chat_template is None:
-        raise DataError("conversational data needs a tokenizer with a chat template")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def encode_prompt(tokenizer, prompt) -> list:
-    """Prompt token ids: a string as is (with the tokenizer's special tokens), messages via the chat template."""
-    if isinstance(prompt, list):
-        return tokenizer(render_chat(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False).input_ids
-    return tokenizer(prompt).input_ids
-
-
-def encode_completion(tokenizer, prompt, completion) -> list:
-    """Completion token ids, ending in EOS so the model learns to stop (needed by the EOS trick)."""
-    if isinstance(completion, list):  # assistant messages: the text the template adds after the prompt
-        before = render_chat(tokenizer, prompt, add_generation_prompt=True)
-        after = render_chat(tokenizer, prompt + completion)
-        if not after.startswith(before):
-            raise DataError("chat template renders the prompt differently once a response follows")
-        completion = after[len(before):]
-    ids = tokenizer(completion, add_special_tokens=False).input_ids
-    return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
-
-
-def truncate(prompt_ids: list, completion_ids: list, max_length: int, max_prompt_length: Optional[int]):
-    """Prompts keep their end, completions their start. Returns (prompt, completion, truncated) or None
-    when the prompt leaves no room for a completion (the caller drops and counts it)."""
-    truncated = False
-    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-        prompt_ids, truncated = prompt_ids[-max_prompt_length:], True
-    if len(prompt_ids) >= max_length:
-        return None
-    if len(prompt_ids) + len(completion_ids) > max_length:
-        completion_ids, truncated = completion_ids[: max_length - len(prompt_ids)], True
-    return prompt_ids, completion_ids, truncated
-
-
-def pad(seqs: list, value, side: str = "right") -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    rows = [[value] * (width - len(s)) + list(s) if side == "left" else list(s) + [value] * (width - len(s)) for s in seqs]
-    return torch.tensor(rows)
-
-
-def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions count real tokens only, so left padding does not shift absolute position embeddings."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] without materializing the full log-softmax (logit - logsumexp)."""
-    logits = logits.float()
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def load_tokenizer(args):
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or args.model_name_or_path,
-                                              trust_remote_code=args.trust_remote_code)
-    if tokenizer.eos_token_id is None:
-        raise DataError("the tokenizer has no EOS token; completions must end in EOS")
-    if tokenizer.pad_token_id is None:
-        # Sequence ends are found from the attention mask, never from pad ids, so EOS-as-pad is safe.
-        print("tokenizer has no pad token: using EOS as pad (ends are found from the attention mask)")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logging step, written by the main process, flushed as written."""
-
-    def __init__(self, accelerator, output_dir):
-        self.accelerator = accelerator
-        self.file = open(Path(output_dir) / "metrics.jsonl", "a") if accelerator.is_main_process else None
-
-    def log(self, metrics: dict, step: int):
-        metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
-        self.accelerator.log(metrics, step=step)
-        if self.file:
-            self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-            self.file.flush()
-
-
-def write_args(args, output_dir):
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(output_dir) / "args.json", "w") as f:
-        json.dump(asdict(args), f, indent=2)
-
-
-def save_model(accelerator, model, tokenizer, output_dir):
-    """Loadable with plain from_pretrained; the state dict is gathered first (ZeRO-3 safe)."""
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(output_dir, state_dict=state_dict)
-        tokenizer.save_pretrained(output_dir)
-    accelerator.wait_for_everyone()
-
-
-def save_checkpoint(accelerator, output_dir, step: int):
-    """output_dir/checkpoints/step_N, written under a temporary name and renamed when complete, so a
-    run killed while saving never leaves a half-written checkpoint that 'latest' would pick."""
-    final = Path(output_dir) / "checkpoints" / f"step_{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / "step.json").write_text(json.dumps({"step": step}))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    accelerator.wait_for_everyone()
-
-
-def find_checkpoint(output_dir, resume_from_checkpoint: Optional[str]) -> Optional[Path]:
-    if resume_from_checkpoint is None:
-        return None
-    if resume_from_checkpoint != "latest":
-        path = Path(resume_from_checkpoint)
-        if not (path / "step.json").exists():
-            raise DataError(f"{path}: not a complete checkpoint (no step.json)")
-        return path
-    done = [p for p in (Path(output_dir) / "checkpoints").glob("step_*") if (p / "step.json").exists()]
-    return max(done, key=lambda p: int(p.name.split("_")[1])) if done else None
-
-
-# ---------------------------------------------------------------------------------------------
 # ---- SFT data ----
-# ---------------------------------------------------------------------------------------------
 
 
 def to_sft(ds: Dataset, filter: str = "none") -> Dataset:
@@ -321,55 +156,99 @@ def to_sft(ds: Dataset, filter: str = "none") -> Dataset:
     except DataError as e:
         if "expected one of" not in str(e):
             raise
-        raise DataError(f"dataset has columns {sorted(cols)}; expected one of: prompt+completion, messages, "
-                        "or a preference shape (prompt+chosen+rejected, chosen+rejected, SafeRLHF)") from None
+        raise DataError(
+            f"dataset has columns {sorted(cols)}; expected one of: prompt+completion, messages, "
+            "or a preference shape (prompt+chosen+rejected, chosen+rejected, SafeRLHF)"
+        ) from None
     return pref.rename_column("chosen", "completion").select_columns(["prompt", "completion"])
 
 
 def encode_conversation(tokenizer, messages: list):
-    """Token ids and a 0/1 loss mask for a whole conversation: only assistant turns carry loss."""
-    ids, mask, done = [], [], ""
+    """Token ids and a 0/1 loss mask for a whole conversation: only assistant turns carry loss, each up
+    to and including its EOS. A template that ends a turn with EOS and more text (ChatML:
+    '<|im_end|>\\n') keeps that tail as context, and the sequence ends in exactly one EOS."""
+    ids, mask, done, eos = [], [], "", tokenizer.eos_token_id
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
         after = render_chat(tokenizer, messages[: i + 1])
         if not (before.startswith(done) and after.startswith(before)):
-            raise DataError("chat template renders earlier turns differently as the conversation grows")
-        context = tokenizer(before[len(done):], add_special_tokens=False).input_ids
-        reply = tokenizer(after[len(before):], add_special_tokens=False).input_ids
-        ids, mask, done = ids + context + reply, mask + [0] * len(context) + [1] * len(reply), after
-    if ids and mask[-1] == 1 and ids[-1] != tokenizer.eos_token_id:
-        ids, mask = ids + [tokenizer.eos_token_id], mask + [1]
+            raise DataError(
+                "chat template renders earlier turns differently as the conversation grows"
+            )
+        context = tokenizer(before[len(done) :], add_special_tokens=False).input_ids
+        reply = tokenizer(after[len(before) :], add_special_tokens=False).input_ids
+        end = len(reply) - reply[::-1].index(eos) if eos in reply else len(reply)
+        ids += context + reply
+        mask += [0] * len(context) + [1] * end + [0] * (len(reply) - end)
+        done = after
+    while mask and mask[-1] == 0:  # nothing after the last assistant turn is a target
+        ids, mask = ids[:-1], mask[:-1]
+    if ids and ids[-1] != eos:
+        ids, mask = ids + [eos], mask + [1]
     return ids, mask
 
 
-def tokenize_sft(ds: Dataset, tokenizer, max_length: int, max_prompt_length: Optional[int], name: str) -> list:
-    """-> list of {input_ids, loss_mask}; logs how many examples were truncated or dropped."""
-    examples, n_truncated, n_dropped = [], 0, 0
-    for row in ds:
+def tokenize_sft(
+    ds: Dataset, tokenizer, max_length: int, max_prompt_length: int | None, name: str
+) -> list:
+    """-> list of {input_ids, loss_mask}. Checks every row's types; drops and counts examples with
+    nothing to learn (an empty completion, no assistant turn, no room after the prompt)."""
+    examples, n_truncated = [], 0
+    dropped = {
+        "prompt leaves no room within max_length": 0,
+        "empty completion": 0,
+        "no assistant turn": 0,
+    }
+    # A prompt that tokenizes to nothing (empty, no BOS added) gets BOS (or EOS) as context, so the
+    # completion's first token is a target too.
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    for i, row in enumerate(ds):
         if "messages" in row:
+            check_text(row["messages"], "messages", i)
+            if isinstance(row["messages"], str):
+                raise DataError(
+                    f"row {i}, column 'messages': expected a list of {{role, content}} "
+                    f"messages, found str {row['messages'][:40]!r}"
+                )
+            if not any(m["role"] == "assistant" for m in row["messages"]):
+                dropped["no assistant turn"] += 1
+                continue
             ids, mask = encode_conversation(tokenizer, row["messages"])
             if len(ids) > max_length:
                 ids, mask, n_truncated = ids[:max_length], mask[:max_length], n_truncated + 1
-            if sum(mask) == 0:
-                n_dropped += 1
-                continue
         else:
-            prompt_ids = encode_prompt(tokenizer, row["prompt"])
-            out = truncate(prompt_ids, encode_completion(tokenizer, row["prompt"], row["completion"]),
-                           max_length, max_prompt_length)
+            check_text(row["prompt"], "prompt", i)
+            check_text(
+                row["completion"], "completion", i, messages_ok=isinstance(row["prompt"], list)
+            )
+            prompt_ids = encode_prompt(tokenizer, row["prompt"]) or [start]
+            completion_ids = encode_completion(tokenizer, row["prompt"], row["completion"])
+            if completion_ids == [tokenizer.eos_token_id]:
+                dropped["empty completion"] += 1
+                continue
+            out = truncate(prompt_ids, completion_ids, max_length, max_prompt_length)
             if out is None:
-                n_dropped += 1
+                dropped["prompt leaves no room within max_length"] += 1
                 continue
             prompt_ids, completion_ids, was_truncated = out
             n_truncated += was_truncated
-            ids, mask = prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
+            ids, mask = (
+                prompt_ids + completion_ids,
+                [0] * len(prompt_ids) + [1] * len(completion_ids),
+            )
+        if sum(mask[1:]) == 0:  # the first token is never a target
+            dropped["prompt leaves no room within max_length"] += 1
+            continue
         examples.append({"input_ids": ids, "loss_mask": mask})
-    print(f"{name}: {len(examples)} examples, {n_truncated} truncated, "
-          f"{n_dropped} dropped (prompt leaves no room for a completion within max_length={max_length})")
+    why = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
+    print(
+        f"{name}: {len(examples)} examples, {n_truncated} truncated, "
+        f"{sum(dropped.values())} dropped{f' ({why})' if why else ''}; max_length={max_length}"
+    )
     if not examples:
-        raise DataError(f"{name}: no example left after truncation (every prompt exceeds max_length={max_length})")
+        raise DataError(f"{name}: no example left to train on ({why}; max_length={max_length})")
     return examples
 
 
@@ -381,161 +260,277 @@ def collate_sft(examples: list, pad_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
-def sft_loss_sum(model, batch):
-    """Summed next-token NLL over completion tokens, and their count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=position_ids_from(batch["attention_mask"])).logits
-    logps = token_logprobs(logits[:, :-1], batch["input_ids"][:, 1:])
-    mask = batch["loss_mask"][:, 1:].float()
-    return -(logps * mask).sum(), mask.sum()
-
-
-# ---------------------------------------------------------------------------------------------
-# ---- main ----
-# ---------------------------------------------------------------------------------------------
+def check_args(args: Args):
+    """Argument mistakes, one line each, before anything loads."""
+    positive = [
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "eval_steps",
+        "max_length",
+        "max_new_tokens",
+    ]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise DataError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.learning_rate > 0:
+        raise DataError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if args.max_prompt_length is not None and args.max_prompt_length < 1:
+        raise DataError(
+            f"--max_prompt_length must be >= 1 (or unset), got {args.max_prompt_length}"
+        )
+    if args.save_steps < 0 or args.num_samples < 0 or not 0 <= args.warmup_ratio <= 1:
+        raise DataError("--save_steps and --num_samples must be >= 0, --warmup_ratio within [0, 1]")
+    package = {"tensorboard": ["tensorboard", "tensorboardX"], "wandb": ["wandb"]}.get(
+        args.report_to, []
+    )
+    if package and not any(importlib.util.find_spec(p) for p in package):
+        raise DataError(
+            f"--report_to {args.report_to}: the package is not installed (pip install {package[0]})"
+        )
+    check_model_path(args.model_name_or_path)
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader):
+def evaluate(accelerator, model, loader) -> dict:
+    """eval/loss per completion token. gather_for_metrics counts each example once (with >1 process
+    the last batch is padded with duplicates, which a plain reduce would count)."""
     model.eval()
     total = torch.zeros(2, device=accelerator.device)
     for batch in loader:
-        loss_sum, n = sft_loss_sum(model, batch)
-        total += torch.stack([loss_sum, n])
-    total = accelerator.reduce(total, "sum")
+        with accelerator.autocast():
+            per_example = torch.stack(sft_loss_sum(model, batch), -1)
+        total += accelerator.gather_for_metrics(per_example).sum(0)
     model.train()
-    loss = (total[0] / total[1]).item()
+    loss = (total[0] / total[1].clamp(min=1)).item()
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
 
 
 @torch.no_grad()
-def write_samples(accelerator, model, tokenizer, prompts: list, args, step: int):
-    """Greedy completions of a few eval prompts, left-padded and batched, to samples.jsonl."""
+def write_samples(
+    accelerator, model, tokenizer, prompts: list, max_new_tokens: int, path, step: int
+):
+    """Greedy completions of a few eval prompts (left-padded, one batch) appended to samples.jsonl. In
+    eval mode (gradient checkpointing drops the KV cache in train mode), with exactly our generation
+    settings (nothing from the checkpoint's generation_config.json). Under ZeRO-3 the weights are
+    gathered once for the whole generation; every process decodes the same prompts in lockstep."""
     if not prompts:
         return
-    model.eval()
-    batch = {"input_ids": pad(prompts, tokenizer.pad_token_id, "left"),
-             "attention_mask": pad([[1] * len(p) for p in prompts], 0, "left")}
+    unwrapped = accelerator.unwrap_model(model)
+    config = generation_config(tokenizer, max_new_tokens, do_sample=False)
+    original, unwrapped.generation_config = unwrapped.generation_config, config
+    batch = {
+        "input_ids": pad(prompts, tokenizer.pad_token_id, "left"),
+        "attention_mask": pad([[1] * len(p) for p in prompts], 0, "left"),
+    }
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-    zero3 = accelerator.state.deepspeed_plugin is not None and accelerator.state.deepspeed_plugin.zero_stage == 3
-    out = accelerator.unwrap_model(model).generate(
-        **batch, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, synced_gpus=zero3)
+    plugin = accelerator.state.deepspeed_plugin
+    gathered = contextlib.nullcontext()
+    if plugin is not None and plugin.zero_stage == 3:
+        import deepspeed  # only needed (and only importable) under DeepSpeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(unwrapped.parameters()))
+    model.eval()
+    with gathered, accelerator.autocast():
+        out = unwrapped.generate(**batch, generation_config=config, synced_gpus=False)
     model.train()
+    unwrapped.generation_config = original  # the saved model keeps its own
     if accelerator.is_main_process:
-        with open(Path(args.output_dir) / "samples.jsonl", "a") as f:
-            for p, o in zip(prompts, out[:, batch["input_ids"].shape[1]:]):
-                f.write(json.dumps({"step": step, "prompt": tokenizer.decode(p, skip_special_tokens=True),
-                                    "completion": tokenizer.decode(o, skip_special_tokens=True)}) + "\n")
+        with open(path, "a") as f:
+            for p, o in zip(prompts, out[:, batch["input_ids"].shape[1] :]):
+                row = {
+                    "step": step,
+                    "prompt": tokenizer.decode(p, skip_special_tokens=True),
+                    "completion": tokenizer.decode(o, skip_special_tokens=True),
+                }
+                f.write(json.dumps(row) + "\n")
 
 
 def main(args: Args):
-    # ---- validate arguments and data before any model is loaded ----
-    if args.per_device_train_batch_size < 1 or args.gradient_accumulation_steps < 1:
-        raise DataError("per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
+    # ---- arguments and data, checked before any model is loaded ----
+    check_args(args)
     accelerator = Accelerator(
         mixed_precision="bf16" if args.bf16 else None,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False),
+            num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
     )
     set_seed(args.seed)
     tokenizer = load_tokenizer(args)
-    train = tokenize_sft(to_sft(load_split(args.dataset_name, args.dataset_config, args.train_split), args.filter),
-                         tokenizer, args.max_length, args.max_prompt_length, "train")
-    evals = []
-    if args.eval_split:
-        evals = tokenize_sft(to_sft(load_split(args.dataset_name, args.dataset_config, args.eval_split), args.filter),
-                             tokenizer, args.max_length, args.max_prompt_length, "eval")
+    splits = {"train": args.train_split, "eval": args.eval_split}
+    train, evals = [
+        tokenize_sft(
+            to_sft(load_split(args.dataset_name, args.dataset_config, split), args.filter),
+            tokenizer,
+            args.max_length,
+            args.max_prompt_length,
+            name,
+        )
+        if split
+        else []
+        for name, split in splits.items()
+    ]
+    collate = lambda examples: collate_sft(examples, tokenizer.pad_token_id)
+    train_loader = torch.utils.data.DataLoader(
+        train, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collate
+    )
+    eval_loader = torch.utils.data.DataLoader(
+        evals, batch_size=args.per_device_eval_batch_size, collate_fn=collate
+    )
+    ga = args.gradient_accumulation_steps  # one optimizer step = per_device batch x processes x ga
+    if math.ceil(len(train_loader) / accelerator.num_processes) < ga:  # accelerate's shard length
+        raise DataError(
+            f"{len(train)} training examples make no full step of "
+            f"{args.per_device_train_batch_size} x {accelerator.num_processes} x {ga}"
+        )
     resume_from = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    error = None
+    if accelerator.is_main_process:  # refuse to mix runs; all processes stop on the same verdict
+        try:
+            prepare_output_dir(args, resume_from)
+        except DataError as e:
+            error = str(e)
+    error = broadcast_object_list([error])[0]
+    if error:
+        raise DataError(error)
 
-    # ---- model ----
+    # ---- model: float32 weights (mixed precision comes from --bf16 autocast or DeepSpeed) ----
     if args.init_from_scratch:
-        config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+        try:
+            config = AutoConfig.from_pretrained(
+                args.model_name_or_path, trust_remote_code=args.trust_remote_code
+            )
+        except OSError as e:
+            raise DataError(
+                f"cannot load a config from {args.model_name_or_path!r}: "
+                f"{str(e).splitlines()[0][:200]}"
+            ) from None
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, trust_remote_code=args.trust_remote_code
+        )
     else:
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        model = load_pretrained(
+            AutoModelForCausalLM, args.model_name_or_path, torch.float32, args.trust_remote_code
+        )
+    disable_dropout(model)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
+    )
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader
+    )
+    if accelerator.gradient_accumulation_steps != args.gradient_accumulation_steps:
+        raise DataError(
+            f"the DeepSpeed config sets gradient_accumulation_steps="
+            f"{accelerator.gradient_accumulation_steps}, the script "
+            f"{args.gradient_accumulation_steps}: set them equal (or 'auto' in the config)"
+        )
 
-    collate = lambda examples: collate_sft(examples, tokenizer.pad_token_id)  # noqa: E731
-    train_loader = torch.utils.data.DataLoader(train, batch_size=args.per_device_train_batch_size, shuffle=True,
-                                               collate_fn=collate)
-    eval_loader = torch.utils.data.DataLoader(evals, batch_size=args.per_device_eval_batch_size, collate_fn=collate)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    # an incomplete trailing accumulation group is skipped: every step sees ga micro-batches
+    steps_per_epoch = len(train_loader) // ga
+    total_steps = (
+        args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    )
+    scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )  # not prepared: accelerate would step it once per process
 
-    # ---- batch arithmetic: one optimizer step = per_device batch x processes x accumulation ----
-    ga = args.gradient_accumulation_steps
-    steps_per_epoch = len(train_loader) // ga  # an incomplete trailing accumulation group is skipped
-    if steps_per_epoch == 0:
-        raise DataError(f"{len(train)} training examples make no full step of "
-                        f"{args.per_device_train_batch_size} x {accelerator.num_processes} x {ga}")
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    # Not prepared: accelerate would step it once per process; checkpointed all the same.
-    accelerator.register_for_checkpointing(scheduler)
-
+    # ---- resume: accelerate's state, plus our own (step, scheduler) from step.json ----
     step = 0
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        step = json.loads((resume_from / "step.json").read_text())["step"]
-        accelerator.print(f"resumed from {resume_from} at step {step}")
-    if accelerator.is_main_process:
-        write_args(args, args.output_dir)
+        state = load_checkpoint(accelerator, resume_from)
+        step = state["step"]
+        scheduler.load_state_dict(state["scheduler"])
     accelerator.init_trackers("sft", config=asdict(args))
-    log = MetricsLog(accelerator, args.output_dir)
-    sample_prompts = [e["input_ids"][: e["loss_mask"].index(1)] for e in evals[: args.num_samples] if 1 in e["loss_mask"]]
+    log = MetricsLog(accelerator, args.output_dir, resume_step=step)
+    sample_prompts = [e["input_ids"][: e["loss_mask"].index(1)] for e in evals[: args.num_samples]]
 
-    # ---- training loop ----
+    # ---- train ----
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="sft")
-    window_loss, window_loss_tokens, window_tokens, window_start = 0.0, 0.0, 0, time.time()
+    window = torch.zeros(
+        3, device=accelerator.device
+    )  # loss sum, completion tokens, tokens: global
+    window_start = time.time()
     while step < total_steps:
-        epoch = step // steps_per_epoch
-        train_loader.set_epoch(epoch)  # the same data order on every process and after a resume
+        train_loader.set_epoch(
+            step // steps_per_epoch
+        )  # the same data order on every process and after a resume
         skip = (step % steps_per_epoch) * ga
         batches = iter(accelerator.skip_first_batches(train_loader, skip) if skip else train_loader)
         for _ in range(steps_per_epoch - step % steps_per_epoch):
             micro = list(islice(batches, ga))
             # Normalize by the completion tokens of the whole global batch, so 1 process and N processes
             # (and any accumulation) give the same gradient; DDP averages over processes, hence the factor.
-            n_tokens = accelerator.gather(sum(b["loss_mask"][:, 1:].sum() for b in micro)).sum().clamp(min=1)
-            for batch in micro:
+            n_tokens = (
+                accelerator.gather(sum(b["loss_mask"][:, 1:].sum() for b in micro))
+                .sum()
+                .clamp(min=1)
+            )
+            local = torch.zeros(2, device=accelerator.device)  # this process: loss sum, tokens
+            for i, batch in enumerate(micro):
                 with accelerator.accumulate(model):
-                    loss_sum, _ = sft_loss_sum(model, batch)
+                    with accelerator.autocast():
+                        loss_sum = sft_loss_sum(model, batch)[0].sum()
+                    local += torch.stack(
+                        [loss_sum.detach().float(), batch["attention_mask"].sum().float()]
+                    )
+                    if (
+                        i == ga - 1
+                    ):  # before the backward that steps (DeepSpeed steps inside backward)
+                        step_sums = accelerator.reduce(local, "sum")  # one sync per optimizer step
+                        check_finite(step_sums[0], "train/loss", step + 1)
                     accelerator.backward(loss_sum * accelerator.num_processes * ga / n_tokens)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad()
-                # summed locally; reduced across processes only when logging (no sync per micro-batch)
-                window_loss += loss_sum.detach()
-                window_tokens += batch["attention_mask"].sum()
-            window_loss_tokens += n_tokens.item()
+            window += torch.stack([step_sums[0], n_tokens.float(), step_sums[1]])
             step += 1
             bar.update(1)
 
+            # ---- log, evaluate, save ----
             if step % args.logging_steps == 0 or step == total_steps:
-                elapsed = time.time() - window_start
-                window_loss, window_tokens = accelerator.reduce(torch.stack([window_loss, window_tokens.float()]), "sum")
-                metrics = {"train/loss": window_loss.item() / window_loss_tokens,  # per completion token
-                           "train/lr": scheduler.get_last_lr()[0],
-                           "train/tokens_per_second": window_tokens.item() / max(elapsed, 1e-9),
-                           "epoch": step / steps_per_epoch}
+                loss, loss_tokens, tokens = window.tolist()
+                metrics = {
+                    "train/loss": loss / loss_tokens,  # per completion token
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/tokens_per_second": tokens / max(time.time() - window_start, 1e-9),
+                    "epoch": step / steps_per_epoch,
+                }
                 log.log(metrics, step)
-                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['train/tokens_per_second']:.0f}")
-                window_loss, window_loss_tokens, window_tokens, window_start = 0.0, 0.0, 0, time.time()
+                bar.set_postfix(
+                    loss=f"{metrics['train/loss']:.3f}",
+                    tok_s=f"{metrics['train/tokens_per_second']:.0f}",
+                )
+                window.zero_()
+                window_start = time.time()
             if evals and (step % args.eval_steps == 0 or step == total_steps):
                 log.log(evaluate(accelerator, model, eval_loader), step)
-                write_samples(accelerator, model, tokenizer, sample_prompts, args, step)
+                write_samples(
+                    accelerator,
+                    model,
+                    tokenizer,
+                    sample_prompts,
+                    args.max_new_tokens,
+                    Path(args.output_dir) / "samples.jsonl",
+                    step,
+                )
             if args.save_steps > 0 and step % args.save_steps == 0 and step < total_steps:
-                save_checkpoint(accelerator, args.output_dir, step)
+                save_checkpoint(
+                    accelerator, args.output_dir, step, {"scheduler": scheduler.state_dict()}
+                )
             if step >= total_steps:
                 break
     bar.close()
@@ -545,8 +540,464 @@ def main(args: Args):
     accelerator.end_training()
 
 
+# ---- shared helpers: identical in every script that has them (tests/test_shared_helpers.py) ----
+
+
+class DataError(ValueError):
+    """Bad input or a run that must stop: reported as one `error:` line, never a traceback."""
+
+
+def load_split(name: str, config: Optional[str], split: str) -> Dataset:
+    """A hub dataset, or local .json/.jsonl/.parquet file(s); a directory's files are named by split."""
+    path = Path(name)
+    if (
+        path.suffix in (".json", ".jsonl", ".parquet")
+        or path.exists()
+        or name.startswith((".", "/", "~"))
+    ):
+        if not path.exists():
+            raise DataError(f"{name}: no such file")
+        files = (
+            sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl", ".parquet"))
+            if path.is_dir()
+            else [path]
+        )
+        if not files or all(f.stat().st_size == 0 for f in files):
+            raise DataError(f"{name}: no data (empty file or no .json/.jsonl/.parquet files)")
+        data_files = {f.stem: str(f) for f in files} if path.is_dir() else {"train": str(path)}
+        builder = "parquet" if files[0].suffix == ".parquet" else "json"
+        try:
+            ds = load_dataset(builder, data_files=data_files, split=split)
+        except (
+            Exception
+        ) as e:  # unknown split, unreadable or malformed file (DatasetGenerationError)
+            cause = " ".join(str(e.__cause__ or e).split())[:200]
+            raise DataError(f"{name}: cannot load split '{split}' ({cause})") from None
+    else:
+        try:
+            ds = load_dataset(name, config, split=split)
+        except Exception as e:  # offline, unknown id, unknown split: one line, not a traceback
+            raise DataError(
+                f"dataset {name!r}: cannot load split '{split}' ({str(e).splitlines()[0][:200]})"
+            ) from None
+    if len(ds) == 0:
+        raise DataError(f"{name} split '{split}' is empty")
+    return ds
+
+
+def check_text(value, column: str, row: int, messages_ok: bool = True):
+    """A text field must be a string (or, where chat data is allowed, a list of {role, content} messages)."""
+    if isinstance(value, str):
+        return
+    if (
+        messages_ok
+        and isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in value
+        )
+    ):
+        return
+    expected = "a string or a list of {role, content} messages" if messages_ok else "a string"
+    raise DataError(
+        f"row {row}, column '{column}': expected {expected}, found {type(value).__name__} {str(value)[:40]!r}"
+    )
+
+
+def split_hh_transcript(chosen: str, rejected: str):
+    """HH-RLHF: the prompt is the shared text up to and including the last '\\n\\nAssistant:'."""
+    marker = "\n\nAssistant:"
+    cut = chosen.rfind(marker)
+    if cut < 0:
+        raise DataError(f"HH-RLHF transcript without '{marker.strip()}': {chosen[:60]!r}")
+    prompt = chosen[: cut + len(marker)]
+    if not rejected.startswith(prompt):
+        raise DataError(
+            f"HH-RLHF pair whose transcripts diverge before the last turn: {prompt[:60]!r}"
+        )
+    return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
+
+
+SAFERLHF_COLUMNS = [
+    "prompt",
+    "response_0",
+    "response_1",
+    "better_response_id",
+    "safer_response_id",
+    "is_response_0_safe",
+    "is_response_1_safe",
+]
+
+
+def to_preference(ds: Dataset, filter: str = "none") -> Dataset:
+    """Any preference shape of DESIGN section 4 -> columns prompt, chosen, rejected (types checked per row)."""
+    cols = set(ds.column_names)
+    if {"response_0", "response_1"} <= cols:
+        missing = [c for c in SAFERLHF_COLUMNS if c not in cols]
+        if missing:
+            raise DataError(f"SafeRLHF-style data (response_0/response_1) lacks columns {missing}")
+        for i, row in enumerate(ds.select_columns(SAFERLHF_COLUMNS)):
+            for c in ("prompt", "response_0", "response_1"):
+                check_text(row[c], c, i)
+            for c in ("better_response_id", "safer_response_id"):
+                if row[c] not in (0, 1) or isinstance(row[c], bool):
+                    raise DataError(f"row {i}, column '{c}': expected 0 or 1, found {row[c]!r}")
+            for c in ("is_response_0_safe", "is_response_1_safe"):
+                if not isinstance(row[c], bool):
+                    raise DataError(
+                        f"row {i}, column '{c}': expected true or false, found {row[c]!r}"
+                    )
+
+        # Paper Sec. 4.3: prefer the safer response when safety differs, else the more helpful one.
+        def saferlhf(row):
+            safe = (row["is_response_0_safe"], row["is_response_1_safe"])
+            win = row["safer_response_id"] if safe[0] != safe[1] else row["better_response_id"]
+            return {
+                "prompt": row["prompt"],
+                "chosen": row[f"response_{win}"],
+                "rejected": row[f"response_{1 - win}"],
+            }
+
+        keep = {
+            "none": lambda r: True,
+            "dual_safe": lambda r: not (r["is_response_0_safe"] and r["is_response_1_safe"]),
+            "dual_unsafe": lambda r: r["is_response_0_safe"] or r["is_response_1_safe"],
+        }[filter]
+        n = len(ds)
+        ds = ds.filter(keep)
+        print(f"SafeRLHF construction: kept {len(ds)} of {n} pairs (filter={filter})")
+        ds = ds.map(saferlhf, remove_columns=ds.column_names)
+    elif {"prompt", "chosen", "rejected"} <= cols:
+        ds = ds.select_columns(["prompt", "chosen", "rejected"])
+        for i, row in enumerate(ds):
+            for c in ("prompt", "chosen", "rejected"):
+                check_text(row[c], c, i)
+    elif {"chosen", "rejected"} <= cols:
+        for i, row in enumerate(ds.select_columns(["chosen", "rejected"])):
+            for c in ("chosen", "rejected"):
+                check_text(row[c], c, i, messages_ok=False)
+
+        def hh(row):
+            prompt, chosen, rejected = split_hh_transcript(row["chosen"], row["rejected"])
+            return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+        ds = ds.map(hh, remove_columns=ds.column_names)
+    else:
+        raise DataError(
+            f"dataset has columns {sorted(cols)}; expected one of: prompt+chosen+rejected, "
+            "chosen+rejected (HH-RLHF), prompt+response_0+response_1+better_response_id+safer_response_id"
+        )
+    if len(ds) == 0:
+        raise DataError("no preference pairs left after filtering")
+    return ds
+
+
+def render_chat(tokenizer, messages, add_generation_prompt=False) -> str:
+    if tokenizer.chat_template is None:
+        raise DataError("conversational data needs a tokenizer with a chat template")
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def encode_prompt(tokenizer, prompt) -> list:
+    """Prompt token ids: a string as is (with the tokenizer's special tokens), messages via the chat template."""
+    if isinstance(prompt, list):
+        return tokenizer(
+            render_chat(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False
+        ).input_ids
+    return tokenizer(prompt).input_ids
+
+
+def encode_completion(tokenizer, prompt, completion) -> list:
+    """Completion token ids ending in exactly one EOS, where generation stops, so the model learns to stop
+    (the EOS trick depends on it). A chat template whose end-of-turn token is the EOS (ChatML:
+    '<|im_end|>\\n') already rendered one: cut after it rather than append a second."""
+    if isinstance(
+        completion, list
+    ):  # assistant messages: the text the template adds after the prompt
+        before = render_chat(tokenizer, prompt, add_generation_prompt=True)
+        after = render_chat(tokenizer, prompt + completion)
+        if not after.startswith(before):
+            raise DataError("chat template renders the prompt differently once a response follows")
+        completion = after[len(before) :]
+    ids = tokenizer(completion, add_special_tokens=False).input_ids
+    eos = tokenizer.eos_token_id
+    return ids[: len(ids) - ids[::-1].index(eos)] if eos in ids else ids + [eos]
+
+
+def truncate(
+    prompt_ids: list, completion_ids: list, max_length: int, max_prompt_length: Optional[int]
+):
+    """Prompts keep their end, completions their start. Returns (prompt, completion, truncated) or None
+    when the prompt leaves no room for a completion (the caller drops and counts it)."""
+    truncated = False
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        prompt_ids, truncated = prompt_ids[len(prompt_ids) - max_prompt_length :], True
+    if len(prompt_ids) >= max_length:
+        return None
+    if len(prompt_ids) + len(completion_ids) > max_length:
+        completion_ids, truncated = completion_ids[: max_length - len(prompt_ids)], True
+    return prompt_ids, completion_ids, truncated
+
+
+def pad(seqs: list, value, side: str = "right") -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    rows = [
+        [value] * (width - len(s)) + list(s)
+        if side == "left"
+        else list(s) + [value] * (width - len(s))
+        for s in seqs
+    ]
+    return torch.tensor(rows)
+
+
+def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, so left padding does not shift absolute position embeddings."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] without materializing the full log-softmax (logit - logsumexp)."""
+    logits = logits.float()
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def check_model_path(path: str, what: str = "model"):
+    """A local path that does not exist is a typo, not a hub id: say so before anything loads."""
+    if not Path(path).exists() and (
+        path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith("/")
+    ):
+        raise DataError(f"{what} {path}: no such directory")
+
+
+def load_pretrained(cls, path: str, dtype: torch.dtype, trust_remote_code: bool, **kwargs):
+    """from_pretrained with an explicit dtype: transformers 5 otherwise keeps the checkpoint's (a bf16
+    checkpoint would train in pure bf16); a path or hub id that cannot be loaded is one error line."""
+    check_model_path(path)
+    try:
+        return cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as e:
+        raise DataError(
+            f"cannot load a model from {path!r}: {str(e).splitlines()[0][:200]}"
+        ) from None
+
+
+def load_tokenizer(args):
+    path = args.tokenizer_name_or_path or args.model_name_or_path
+    check_model_path(path, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    except OSError as e:  # offline hub id, a directory without a tokenizer
+        raise DataError(
+            f"cannot load a tokenizer from {path!r}: {str(e).splitlines()[0][:200]}"
+        ) from None
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token; completions must end in EOS")
+    if tokenizer.pad_token_id is None:
+        # Sequence ends are found from the attention mask, never from pad ids, so EOS-as-pad is safe.
+        print(
+            "tokenizer has no pad token: using EOS as pad (ends are found from the attention mask)"
+        )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def disable_dropout(model: torch.nn.Module):
+    """Dropout off in every module and in the config: nn.Dropout modules, and the functional rates that
+    attention reads from a float attribute (Llama, Qwen2, GPT-NeoX `attention_dropout`)."""
+    for key, value in model.config.to_dict().items():
+        if "drop" in key and isinstance(value, float):
+            setattr(model.config, key, 0.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for attr in ("attention_dropout", "dropout", "attn_dropout"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+    return model
+
+
+def check_finite(value: torch.Tensor, what: str, step: int):
+    """DESIGN section 4: a non-finite loss, score or reward stops the run before it reaches the weights;
+    checkpoints already written stay as they are. Call it on a value every process shares (reduced)."""
+    if not torch.isfinite(value).all():
+        raise DataError(
+            f"non-finite {what} at step {step}: stopping; nothing more is saved "
+            "(the last checkpoint, if any, is kept)"
+        )
+
+
+def generation_config(
+    tokenizer,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> GenerationConfig:
+    """Exactly the sampling the log-probabilities assume. Passed to generate() and set on the model, so
+    nothing from the checkpoint's generation_config.json (repetition_penalty, no_repeat_ngram_size...)
+    leaks into sampling."""
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        do_sample=do_sample,
+        # greedy: the defaults (a greedy config with top_k=0 warns, and save_pretrained refuses it)
+        **({"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}),
+        min_p=None,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        bad_words_ids=None,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+    )
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logging step, written by the main process, flushed as written.
+    On resume from step N, rows after N (written by the run that was interrupted) are dropped first."""
+
+    def __init__(self, accelerator, output_dir, resume_step: int = 0):
+        self.accelerator = accelerator
+        self.file = None
+        if accelerator.is_main_process:
+            path = Path(output_dir) / "metrics.jsonl"
+            rows = path.read_text().splitlines() if resume_step and path.exists() else []
+            self.file = open(path, "w")
+            for line in rows:
+                if json.loads(line)["step"] <= resume_step:
+                    self.file.write(line + "\n")
+            self.file.flush()
+
+    def log(self, metrics: dict, step: int):
+        metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
+        self.accelerator.log(metrics, step=step)
+        if self.file:
+            self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.file.flush()
+
+
+RESUME_MAY_CHANGE = {
+    "max_steps",
+    "num_train_epochs",
+    "num_iterations",
+    "total_episodes",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "resume_from_checkpoint",
+    "overwrite_output_dir",
+    "report_to",
+    "output_dir",  # a run directory that was moved or copied still resumes
+}
+
+
+def prepare_output_dir(args, resume_from: Optional[Path]):
+    """Refuse to mix runs: a directory that holds a run needs --overwrite_output_dir (which clears it) or a
+    resume; a resume must use the saved arguments, apart from the step budget and logging. Main process."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output_dir {out} is a file")
+    saved = out / "args.json"
+    if resume_from is not None and saved.exists():
+        old, new = json.loads(saved.read_text()), asdict(args)
+        differ = sorted(k for k in new if k not in RESUME_MAY_CHANGE and old.get(k) != new[k])
+        if differ:
+            raise DataError(f"resume with arguments that differ from {saved}: {', '.join(differ)}")
+    elif resume_from is None and saved.exists():
+        if not args.overwrite_output_dir:
+            raise DataError(
+                f"{out} already holds a run; pass --overwrite_output_dir, "
+                "--resume_from_checkpoint latest, or another --output_dir"
+            )
+        for name in ("checkpoints", "metrics.jsonl", "samples.jsonl", "best"):
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            elif (out / name).exists():
+                (out / name).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(asdict(args), indent=2))
+
+
+def save_model(accelerator, model, tokenizer, output_dir):
+    """Loadable with plain from_pretrained; the state dict is gathered first (ZeRO-3 safe)."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(output_dir, state_dict=state_dict)
+        tokenizer.save_pretrained(output_dir)
+    accelerator.wait_for_everyone()
+
+
+def save_checkpoint(accelerator, output_dir, step: int, state: dict):
+    """output_dir/checkpoints/step_N: accelerate's model, optimizer and RNG state, plus our own `state`
+    (step, scheduler, running statistics) as JSON in step.json, never pickled. Written under a
+    temporary name and renamed when complete, so a run killed while saving never leaves a half-written
+    checkpoint that 'latest' would pick."""
+    final = Path(output_dir) / "checkpoints" / f"step_{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process has written its part (RNG state) before the rename
+    if accelerator.is_main_process:
+        (tmp / "step.json").write_text(json.dumps({"step": step, **state}))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+
+
+def find_checkpoint(output_dir, resume_from_checkpoint: Optional[str]) -> Optional[Path]:
+    """None, 'latest' (the newest complete output_dir/checkpoints/step_N) or a path to a checkpoint."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint != "latest":
+        path = Path(resume_from_checkpoint)
+        if not (path / "step.json").exists():
+            raise DataError(f"{path}: not a complete checkpoint (no step.json)")
+        return path
+    done = [
+        p
+        for p in (Path(output_dir) / "checkpoints").glob("step_*")
+        if p.name.split("_")[1].isdigit() and (p / "step.json").exists()
+    ]
+    if not done:
+        raise DataError(
+            f"--resume_from_checkpoint latest: no checkpoint in {Path(output_dir) / 'checkpoints'}"
+        )
+    return max(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def load_checkpoint(accelerator, path: Path) -> dict:
+    """Restore accelerate's state from a checkpoint and return our own state (step.json)."""
+    try:
+        state = json.loads((path / "step.json").read_text())
+        accelerator.load_state(str(path))
+    except Exception as e:  # a corrupt or truncated checkpoint: one line, nothing changed on disk
+        raise DataError(
+            f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
+    accelerator.print(f"resumed from {path} at step {state['step']}")
+    return state
+
+
 if __name__ == "__main__":
     try:
         main(tyro.cli(Args))
     except DataError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(
+            "interrupted: continue from the last checkpoint with --resume_from_checkpoint latest"
+        )

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ARCHS, assert_one_line_error, write_jsonl
+from conftest import ARCHS, assert_one_line_error, main_error, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sft
@@ -40,20 +40,72 @@ def test_chat_template_loss_only_on_assistant_turns(tok, data_files):
     ex = sft.tokenize_sft(ds, tok, 512, None, "t")[0]
     # both assistant turns, each ending in EOS (the template's end of turn), and nothing else
     assert masked_text(tok, ex) == "It is 4.<|endoftext|>You are welcome.<|endoftext|>"
-    assert unmasked_text(tok, ex) == "<|system|>\nBe brief.\n<|user|>\nWhat is 2 + 2?\n<|assistant|>\n<|user|>\nThanks.\n<|assistant|>\n"
+    assert (
+        unmasked_text(tok, ex)
+        == "<|system|>\nBe brief.\n<|user|>\nWhat is 2 + 2?\n<|assistant|>\n<|user|>\nThanks.\n<|assistant|>\n"
+    )
     # the ids are exactly the tokenization of the rendered conversation pieces
     full = tok.apply_chat_template(ds[0]["messages"], tokenize=False)
     assert tok.decode(ex["input_ids"]) == full
 
 
+@pytest.fixture(scope="module")
+def chatml_tok(chatml_model):
+    return AutoTokenizer.from_pretrained(chatml_model)
+
+
+def test_chatml_messages_end_each_turn_in_one_eos(chatml_tok):
+    """ChatML renders '<|im_end|>\n' after each turn and its EOS is '<|im_end|>': each assistant turn is
+    trained up to its one '<|im_end|>', where generation stops, and the sequence ends there."""
+    messages = [
+        {"role": "user", "content": "How are you?"},
+        {"role": "assistant", "content": "I am fine."},
+        {"role": "user", "content": "Thanks."},
+        {"role": "assistant", "content": "You are welcome."},
+    ]
+    ds = sft.Dataset.from_list([{"messages": messages}])
+    (ex,) = sft.tokenize_sft(ds, chatml_tok, 512, None, "t")
+    eos = chatml_tok.eos_token_id
+    assert chatml_tok.convert_ids_to_tokens(eos) == "<|im_end|>"
+    assert ex["input_ids"][-1] == eos and ex["input_ids"][-2] != eos
+    assert masked_text(chatml_tok, ex) == "I am fine.<|im_end|>You are welcome.<|im_end|>"
+    # the ids are the rendered conversation, less the trailing newline after the last turn
+    assert chatml_tok.decode(ex["input_ids"]) + "\n" == chatml_tok.apply_chat_template(
+        messages, tokenize=False
+    )
+
+
+def test_chatml_prompt_completion_end_in_one_eos(chatml_tok):
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "How are you?"}],
+            "completion": [{"role": "assistant", "content": "I am fine."}],
+        },
+        {"prompt": "How are you?", "completion": " I am fine."},
+    ]
+    for row, completion in zip(rows, ["I am fine.<|im_end|>", " I am fine.<|im_end|>"]):
+        (ex,) = sft.tokenize_sft(sft.Dataset.from_list([row]), chatml_tok, 512, None, "t")
+        assert ex["input_ids"][-1] == chatml_tok.eos_token_id != ex["input_ids"][-2]
+        assert masked_text(chatml_tok, ex) == completion
+
+
 def test_preference_data_trains_on_chosen(tok, data_files):
-    for shape, prompt in [("preference", "Q: What is 2 + 2?\nA:"),
-                          ("hh", "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: What is 2 + 2?\n\nAssistant:")]:
-        ex = sft.tokenize_sft(sft.to_sft(sft.load_split(data_files[shape], None, "train")), tok, 512, None, "t")[0]
+    for shape, prompt in [
+        ("preference", "Q: What is 2 + 2?\nA:"),
+        ("hh", "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: What is 2 + 2?\n\nAssistant:"),
+    ]:
+        ex = sft.tokenize_sft(
+            sft.to_sft(sft.load_split(data_files[shape], None, "train")), tok, 512, None, "t"
+        )[0]
         assert masked_text(tok, ex) == " It is 4.<|endoftext|>", shape
         assert unmasked_text(tok, ex) == prompt, shape
-    ex = sft.tokenize_sft(sft.to_sft(sft.load_split(data_files["preference_messages"], None, "train")),
-                          tok, 512, None, "t")[0]
+    ex = sft.tokenize_sft(
+        sft.to_sft(sft.load_split(data_files["preference_messages"], None, "train")),
+        tok,
+        512,
+        None,
+        "t",
+    )[0]
     assert masked_text(tok, ex) == "It is 4.<|endoftext|>"
     assert unmasked_text(tok, ex) == "<|user|>\nWhat is 2 + 2?\n<|assistant|>\n"
 
@@ -64,7 +116,10 @@ def test_saferlhf_construction_and_filters(data_files):
     for row, out in zip(ds, pref):
         s0, s1 = row["is_response_0_safe"], row["is_response_1_safe"]
         win = row["safer_response_id"] if s0 != s1 else row["better_response_id"]
-        assert out["chosen"] == row[f"response_{win}"] and out["rejected"] == row[f"response_{1 - win}"]
+        assert (
+            out["chosen"] == row[f"response_{win}"]
+            and out["rejected"] == row[f"response_{1 - win}"]
+        )
     n_dual_safe = sum(r["is_response_0_safe"] and r["is_response_1_safe"] for r in ds)
     n_dual_unsafe = sum(not r["is_response_0_safe"] and not r["is_response_1_safe"] for r in ds)
     assert n_dual_safe > 0 and n_dual_unsafe > 0
@@ -83,8 +138,10 @@ def test_hh_split_at_last_assistant_turn():
 
 
 def test_padding_carries_no_loss_and_loss_is_completion_nll(tok, tiny_model):
-    examples = [{"input_ids": [5, 6, 7, 8, 9], "loss_mask": [0, 0, 1, 1, 1]},
-                {"input_ids": [5, 6, 7], "loss_mask": [0, 1, 1]}]
+    examples = [
+        {"input_ids": [5, 6, 7, 8, 9], "loss_mask": [0, 0, 1, 1, 1]},
+        {"input_ids": [5, 6, 7], "loss_mask": [0, 1, 1]},
+    ]
     batch = sft.collate_sft(examples, tok.pad_token_id)
     assert batch["input_ids"][1].tolist() == [5, 6, 7, tok.pad_token_id, tok.pad_token_id]
     assert batch["loss_mask"][1].tolist() == [0, 1, 1, 0, 0]
@@ -92,13 +149,14 @@ def test_padding_carries_no_loss_and_loss_is_completion_nll(tok, tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     loss_sum, n = sft.sft_loss_sum(model, batch)
     # independent reference: each sequence alone, unpadded, NLL of its completion tokens
-    ref = 0.0
-    for e in examples:
+    for i, e in enumerate(examples):
         ids = torch.tensor([e["input_ids"]])
         logp = torch.log_softmax(model(ids).logits[0].float(), -1)
-        ref -= sum(logp[t - 1, e["input_ids"][t]] for t in range(1, len(ids[0])) if e["loss_mask"][t])
-    assert n.item() == 5
-    assert loss_sum.item() == pytest.approx(ref.item(), abs=1e-4)
+        ref = -sum(
+            logp[t - 1, e["input_ids"][t]] for t in range(1, len(ids[0])) if e["loss_mask"][t]
+        )
+        assert loss_sum[i].item() == pytest.approx(ref.item(), abs=1e-4)
+    assert n.tolist() == [3, 2]
 
 
 def test_truncation_rules():
@@ -122,12 +180,38 @@ def test_token_logprobs_matches_log_softmax():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_end_to_end_each_architecture(arch, tiny_models, data_files, run_script, metrics, tmp_path):
     out = tmp_path / arch
-    run_script("sft.py", "--model_name_or_path", tiny_models[arch], "--dataset_name", data_files["messages"],
-               "--eval_split", "train[:4]", "--max_steps", 4, "--per_device_train_batch_size", 2,
-               "--logging_steps", 2, "--eval_steps", 2, "--save_steps", 2, "--max_new_tokens", 4,
-               "--output_dir", out)
-    for name in ["args.json", "metrics.jsonl", "samples.jsonl", "config.json", "model.safetensors",
-                 "tokenizer.json", "checkpoints/step_2/step.json"]:
+    run_script(
+        "sft.py",
+        "--model_name_or_path",
+        tiny_models[arch],
+        "--dataset_name",
+        data_files["messages"],
+        "--eval_split",
+        "train[:4]",
+        "--max_steps",
+        4,
+        "--per_device_train_batch_size",
+        2,
+        "--logging_steps",
+        2,
+        "--eval_steps",
+        2,
+        "--save_steps",
+        2,
+        "--max_new_tokens",
+        4,
+        "--output_dir",
+        out,
+    )
+    for name in [
+        "args.json",
+        "metrics.jsonl",
+        "samples.jsonl",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "checkpoints/step_2/step.json",
+    ]:
         assert (out / name).exists(), name
     assert json.loads((out / "args.json").read_text())["max_steps"] == 4
     rows = metrics(out)
@@ -136,7 +220,9 @@ def test_end_to_end_each_architecture(arch, tiny_models, data_files, run_script,
     assert [r["step"] for r in train] == [2, 4] and [r["step"] for r in evals] == [2, 4]
     for r in rows:
         assert all(torch.isfinite(torch.tensor(float(v))) for v in r.values())
-    assert {"train/lr", "train/tokens_per_second"} <= set(train[0]) and "eval/perplexity" in evals[0]
+    assert {"train/lr", "train/tokens_per_second"} <= set(train[0]) and "eval/perplexity" in evals[
+        0
+    ]
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenizer("Q: hi", return_tensors="pt").input_ids
@@ -147,95 +233,408 @@ def test_end_to_end_each_architecture(arch, tiny_models, data_files, run_script,
 
 
 def test_learns_to_reproduce_completions(tiny_model, run_script, tmp_path):
-    pairs = [(f"Q{i}: {w}?\nA:", f" {a}") for i, (w, a) in enumerate(
-        [("red", "apple"), ("blue", "sky"), ("green", "grass"), ("black", "night"),
-         ("white", "snow"), ("gold", "sun"), ("grey", "stone"), ("pink", "rose")])]
+    pairs = [
+        (f"Q{i}: {w}?\nA:", f" {a}")
+        for i, (w, a) in enumerate(
+            [
+                ("red", "apple"),
+                ("blue", "sky"),
+                ("green", "grass"),
+                ("black", "night"),
+                ("white", "snow"),
+                ("gold", "sun"),
+                ("grey", "stone"),
+                ("pink", "rose"),
+            ]
+        )
+    ]
     data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": p, "completion": c} for p, c in pairs])
     out = tmp_path / "out"
-    run_script("sft.py", "--model_name_or_path", tiny_model, "--init_from_scratch", "--dataset_name", data,
-               "--max_steps", 300, "--per_device_train_batch_size", 8, "--learning_rate", 3e-3,
-               "--lr_scheduler", "constant", "--warmup_ratio", 0, "--logging_steps", 50, "--save_steps", 0,
-               "--output_dir", out)
+    run_script(
+        "sft.py",
+        "--model_name_or_path",
+        tiny_model,
+        "--init_from_scratch",
+        "--dataset_name",
+        data,
+        "--max_steps",
+        300,
+        "--per_device_train_batch_size",
+        8,
+        "--learning_rate",
+        3e-3,
+        "--lr_scheduler",
+        "constant",
+        "--warmup_ratio",
+        0,
+        "--logging_steps",
+        50,
+        "--save_steps",
+        0,
+        "--output_dir",
+        out,
+    )
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
     hits = 0
     for p, c in pairs:
         ids = tok(p, return_tensors="pt").input_ids
         gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-        hits += tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True) == c
+        hits += tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True) == c
     assert hits >= 7, f"only {hits}/8 completions reproduced"
 
 
-# ---- multi-process and resume ----
+# ---- multi-process, DeepSpeed ZeRO-2/3, resume ----
 
 
-def test_two_processes_match_one_process(tiny_model, data_files, run_script, run_accelerate, weights, tmp_path):
-    common = ["--model_name_or_path", tiny_model, "--dataset_name", data_files["prompt_completion"],
-              "--max_steps", 4, "--learning_rate", 1e-3, "--save_steps", 0, "--logging_steps", 1, "--seed", 3]
-    run_script("sft.py", *common, "--per_device_train_batch_size", 4, "--output_dir", tmp_path / "one")
-    run_accelerate("sft.py", *common, "--per_device_train_batch_size", 2, "--output_dir", tmp_path / "two")
-    w1, w2, w0 = weights(tmp_path / "one"), weights(tmp_path / "two"), weights(tiny_model)
-    assert w1.keys() == w2.keys()
-    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    moved = max((w1[k] - w0[k]).abs().max().item() for k in w1)
-    assert moved > 1e-3  # the runs trained
-    assert diff <= 1e-4, diff
+def common_args(tiny_model, data_files):
+    """2 steps on 8 examples at a global batch of 4, with an eval set of 3 (not a multiple of the
+    2-process eval batch: even_batches pads it with a duplicate)."""
+    return [
+        "--model_name_or_path",
+        tiny_model,
+        "--dataset_name",
+        data_files["prompt_completion"],
+        "--max_steps",
+        2,
+        "--learning_rate",
+        1e-3,
+        "--logging_steps",
+        1,
+        "--seed",
+        3,
+        "--eval_split",
+        "train[:3]",
+        "--per_device_eval_batch_size",
+        2,
+        "--eval_steps",
+        2,
+        "--num_samples",
+        2,
+        "--max_new_tokens",
+        4,
+    ]
 
 
-def test_resume_matches_uninterrupted_run(tiny_model, data_files, run_script, weights, metrics, tmp_path):
-    common = ["--model_name_or_path", tiny_model, "--dataset_name", data_files["prompt_completion"],
-              "--max_steps", 6, "--per_device_train_batch_size", 3, "--learning_rate", 1e-3,
-              "--save_steps", 3, "--logging_steps", 1, "--seed", 5]
+@pytest.fixture(scope="module")
+def ddp_run(tiny_model, data_files, run_accelerate, tmp_path_factory):
+    """One 2-process DDP run (2 x 2 sequences per step), shared by the 1-process and ZeRO comparisons."""
+    out = tmp_path_factory.mktemp("sft_ddp") / "out"
+    run_accelerate(
+        "sft.py",
+        *common_args(tiny_model, data_files),
+        "--per_device_train_batch_size",
+        2,
+        "--save_steps",
+        0,
+        "--output_dir",
+        out,
+    )
+    return out
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_two_processes_match_one_process(
+    tiny_model, data_files, ddp_run, run_script, weights, metrics, tmp_path
+):
+    run_script(
+        "sft.py",
+        *common_args(tiny_model, data_files),
+        "--per_device_train_batch_size",
+        4,
+        "--save_steps",
+        0,
+        "--output_dir",
+        tmp_path / "one",
+    )
+    w1, w2, w0 = weights(tmp_path / "one"), weights(ddp_run), weights(tiny_model)
+    assert max_diff(w1, w0) > 1e-3  # the runs trained
+    assert max_diff(w1, w2) <= 1e-4
+    # each eval example counted once: 3 examples over 2 processes x 2 (one padded duplicate)
+    eval_one, eval_two = (
+        [r["eval/loss"] for r in metrics(d) if "eval/loss" in r]
+        for d in (tmp_path / "one", ddp_run)
+    )
+    assert eval_two == pytest.approx(eval_one, abs=1e-4)
+
+
+@pytest.mark.parametrize("stage,bf16", [(2, False), (2, True), (3, False), (3, True)])
+def test_deepspeed_zero(
+    stage, bf16, tiny_model, data_files, ddp_run, run_deepspeed, weights, tmp_path
+):
+    """Every ZeRO stage and precision runs, checkpoints, evaluates, samples and saves a model that plain
+    from_pretrained loads; ZeRO-3 in fp32 ends where the DDP run with the same global batch does."""
+    out = tmp_path / "out"
+    run_deepspeed(
+        "sft.py",
+        *common_args(tiny_model, data_files),
+        "--per_device_train_batch_size",
+        2,
+        "--save_steps",
+        1,
+        "--output_dir",
+        out,
+        *(["--bf16"] if bf16 else []),
+        stage=stage,
+        bf16=bf16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert (out / "checkpoints" / "step_1" / "step.json").exists()
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 2
+    if stage == 3 and not bf16:
+        assert max_diff(weights(out), weights(ddp_run)) <= 1e-4
+
+
+def test_deepspeed_config_with_other_accumulation_is_refused(
+    tiny_model, data_files, run_deepspeed, monkeypatch, tmp_path
+):
+    monkeypatch.setenv(
+        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2"
+    )  # what a DeepSpeed config sets
+    proc = run_deepspeed(
+        "sft.py",
+        *common_args(tiny_model, data_files),
+        "--per_device_train_batch_size",
+        1,
+        "--output_dir",
+        tmp_path / "out",
+        stage=2,
+        check=False,
+    )
+    assert proc.returncode != 0
+    errors = {line for line in proc.stderr.splitlines() if line.startswith("error:")}
+    assert len(errors) == 1 and "gradient_accumulation_steps=2" in errors.pop(), proc.stderr[-2000:]
+
+
+def test_resume_matches_uninterrupted_run(
+    tiny_model, data_files, run_script, weights, metrics, tmp_path
+):
+    common = [
+        "--model_name_or_path",
+        tiny_model,
+        "--dataset_name",
+        data_files["prompt_completion"],
+        "--max_steps",
+        6,
+        "--per_device_train_batch_size",
+        3,
+        "--learning_rate",
+        1e-3,
+        "--save_steps",
+        3,
+        "--logging_steps",
+        1,
+        "--seed",
+        5,
+    ]
     full = tmp_path / "full"
     run_script("sft.py", *common, "--output_dir", full)
+    # our own state is JSON (scheduler included); nothing of ours is pickled
+    ckpt = full / "checkpoints" / "step_3"
+    assert "scheduler" in json.loads((ckpt / "step.json").read_text())
+    assert not list(ckpt.glob("custom_checkpoint_*"))
     # a run killed after step 3: its last complete checkpoint, plus a half-written one that must be ignored
     resumed = tmp_path / "resumed"
-    shutil.copytree(full / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
+    shutil.copytree(ckpt, resumed / "checkpoints" / "step_3")
     (resumed / "checkpoints" / "step_5.tmp").mkdir()
-    proc = run_script("sft.py", *common, "--output_dir", resumed, "--resume_from_checkpoint", "latest")
+    (resumed / "checkpoints" / "step_5.tmp" / "step.json").write_text('{"step": 5}')
+    proc = run_script(
+        "sft.py", *common, "--output_dir", resumed, "--resume_from_checkpoint", "latest"
+    )
     assert "resumed from" in proc.stdout + proc.stderr
-    assert [r["step"] for r in metrics(resumed)] == [4, 5, 6]  # 3 steps to 6 (8 examples: 2 steps/epoch)
+    assert [r["step"] for r in metrics(resumed)] == [
+        4,
+        5,
+        6,
+    ]  # 3 steps to 6 (8 examples: 2 steps/epoch)
     w1, w2 = weights(full), weights(resumed)
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-5
+    assert max_diff(w1, w2) <= 1e-5
     losses = {r["step"]: r["train/loss"] for r in metrics(full)}
     for r in metrics(resumed):
         assert r["train/loss"] == pytest.approx(losses[r["step"]], abs=1e-5)
 
 
-# ---- bad input: one clear line, non-zero exit, before any model loads ----
+# ---- in-process runs: dtypes, dropout, sampling, non-finite loss, output_dir ----
 
 
-def test_bad_input_errors(tiny_model, data_files, run_script, tmp_path):
-    base = ["--model_name_or_path", tiny_model, "--max_steps", 1, "--output_dir", tmp_path / "o"]
-    wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"text": "hello"}])
-    assert_one_line_error(run_script("sft.py", *base, "--dataset_name", wrong, check=False),
-                          "['text']", "prompt+completion", "messages")
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    assert_one_line_error(run_script("sft.py", *base, "--dataset_name", empty, check=False), "empty")
-    assert_one_line_error(run_script("sft.py", *base, "--dataset_name", tmp_path / "missing.jsonl", check=False),
-                          "no such file")
-    # every prompt longer than max_length: nothing to train on
-    assert_one_line_error(run_script("sft.py", *base, "--dataset_name", data_files["prompt_completion"],
-                                     "--max_length", 4, check=False), "no example left", "max_length=4")
-    # the model directory was never needed: bad input fails before loading it
-    assert_one_line_error(run_script("sft.py", "--model_name_or_path", tmp_path / "no_model_here",
-                                     "--tokenizer_name_or_path", tiny_model, "--dataset_name", wrong,
-                                     "--output_dir", tmp_path / "o", check=False), "['text']")
-    assert not (tmp_path / "o").exists()
+def run_main(**kwargs):
+    sft.main(
+        sft.Args(
+            **{"per_device_train_batch_size": 4, "save_steps": 0, "logging_steps": 1, **kwargs}
+        )
+    )
 
 
-def test_long_prompts_dropped_with_count(tiny_model, run_script, tmp_path):
-    rows = [{"prompt": "Q: hi\nA:", "completion": " yes"}] * 3 + [{"prompt": "word " * 200, "completion": " no"}]
-    data = write_jsonl(tmp_path / "long.jsonl", rows)
-    proc = run_script("sft.py", "--model_name_or_path", tiny_model, "--dataset_name", data, "--max_length", 32,
-                      "--max_steps", 1, "--per_device_train_batch_size", 2, "--output_dir", tmp_path / "o")
-    assert "train: 3 examples, 0 truncated, 1 dropped" in proc.stdout
+def test_bf16_checkpoint_trains_in_fp32(tiny_model_bf16, data_files, weights, tmp_path):
+    run_main(
+        model_name_or_path=tiny_model_bf16,
+        dataset_name=data_files["prompt_completion"],
+        max_steps=1,
+        learning_rate=1e-5,
+        lr_scheduler="constant",
+        warmup_ratio=0.0,
+        per_device_train_batch_size=8,
+        output_dir=str(tmp_path / "o"),
+    )
+    w0, w1 = weights(tiny_model_bf16), weights(tmp_path / "o")
+    assert {w.dtype for w in w1.values()} == {torch.float32}
+    # rows of input embeddings of tokens absent from the data get no gradient: count the rest
+    trained = [k for k in w1 if "embed_tokens" not in k]
+    changed = sum((w1[k] != w0[k].float()).sum().item() for k in trained) / sum(
+        w1[k].numel() for k in trained
+    )
+    assert changed > 0.9, changed  # in pure bf16 a 1e-5 step is below the weights' resolution
 
 
-def test_tokenizer_without_pad_token_uses_eos(tiny_models, data_files, run_script, tmp_path):
-    proc = run_script("sft.py", "--model_name_or_path", tiny_models["llama_nopad"], "--dataset_name",
-                      data_files["prompt_completion"], "--max_steps", 2, "--per_device_train_batch_size", 3,
-                      "--output_dir", tmp_path / "o")
-    assert "using EOS as pad" in proc.stdout
+def test_greedy_samples_ignore_checkpointing_and_generation_config(
+    tiny_model, data_files, tmp_path
+):
+    """The same greedy samples with --gradient_checkpointing, and with a checkpoint whose
+    generation_config.json asks for repetition_penalty / no_repeat_ngram_size (it must not leak in)."""
+    leaky = tmp_path / "leaky"
+    shutil.copytree(tiny_model, leaky)
+    config = json.loads((leaky / "generation_config.json").read_text())
+    config.update(repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=6)
+    (leaky / "generation_config.json").write_text(json.dumps(config))
+    common = dict(
+        dataset_name=data_files["prompt_completion"],
+        max_steps=1,
+        eval_split="train[:4]",
+        num_samples=4,
+        max_new_tokens=6,
+    )
+    samples = {}
+    for name, extra in [
+        ("plain", {}),
+        ("checkpointing", {"gradient_checkpointing": True}),
+        ("leaky", {"model_name_or_path": str(leaky)}),
+    ]:
+        run_main(
+            **{
+                "model_name_or_path": tiny_model,
+                **common,
+                **extra,
+                "output_dir": str(tmp_path / name),
+            }
+        )
+        samples[name] = [
+            json.loads(line)
+            for line in (tmp_path / name / "samples.jsonl").read_text().splitlines()
+        ]
+    assert len(samples["plain"]) == 4
+    assert samples["checkpointing"] == samples["plain"]
+    assert samples["leaky"] == samples["plain"]
+
+
+def test_dropout_disabled_in_the_trained_model(dropout_model, data_files, monkeypatch, tmp_path):
+    seen, original = [], sft.sft_loss_sum
+
+    def spy(model, batch):  # two train-mode forwards of the model being trained
+        if model.training and not seen:
+            with torch.no_grad():
+                a, b = (
+                    model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
+                    for _ in range(2)
+                )
+            seen.append((a - b).abs().max().item())
+        return original(model, batch)
+
+    monkeypatch.setattr(sft, "sft_loss_sum", spy)
+    run_main(
+        model_name_or_path=dropout_model,
+        dataset_name=data_files["prompt_completion"],
+        max_steps=1,
+        output_dir=str(tmp_path / "o"),
+    )
+    assert seen == [0.0]
+
+
+def test_non_finite_loss_stops_before_the_weights_change(
+    tiny_model, data_files, monkeypatch, weights, tmp_path
+):
+    calls, original = [], sft.sft_loss_sum
+
+    def nan_from_step_2(model, batch):
+        calls.append(1)
+        loss, n = original(model, batch)
+        return (loss * float("nan") if len(calls) >= 2 else loss), n
+
+    monkeypatch.setattr(sft, "sft_loss_sum", nan_from_step_2)
+    out = tmp_path / "o"
+    message = main_error(
+        "sft.py",
+        model_name_or_path=tiny_model,
+        dataset_name=data_files["prompt_completion"],
+        max_steps=3,
+        per_device_train_batch_size=4,
+        save_steps=1,
+        output_dir=str(out),
+    )
+    assert "non-finite train/loss at step 2" in message
+    assert (
+        not (out / "model.safetensors").exists() and not (out / "checkpoints" / "step_2").exists()
+    )
+    assert all(torch.isfinite(w).all() for w in weights(out / "checkpoints" / "step_1").values())
+
+
+def test_output_dir_reuse_needs_overwrite_or_resume(tiny_model, data_files, tmp_path):
+    out = tmp_path / "o"
+    common = dict(
+        model_name_or_path=tiny_model,
+        dataset_name=data_files["prompt_completion"],
+        max_steps=2,
+        output_dir=str(out),
+    )
+    run_main(**common, save_steps=1)
+    assert "already holds a run" in main_error("sft.py", **common, per_device_train_batch_size=4)
+    message = main_error(
+        "sft.py",
+        **common,
+        per_device_train_batch_size=4,
+        save_steps=1,
+        resume_from_checkpoint="latest",
+        learning_rate=1e-3,
+        seed=7,
+    )
+    assert message.endswith("learning_rate, seed")
+    run_main(
+        **common, overwrite_output_dir=True
+    )  # replaces the run: its checkpoints and metrics go
+    assert not (out / "checkpoints").exists()
+    assert [
+        json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    ] == [1, 2]
+
+
+# ---- data counts (the bad-input table is tests/test_bad_inputs_sft.py) ----
+
+
+def test_long_prompts_dropped_with_count(tok, tmp_path, capsys):
+    rows = [{"prompt": "Q: hi\nA:", "completion": " yes"}] * 3 + [
+        {"prompt": "word " * 200, "completion": " no"}
+    ]
+    ex = sft.tokenize_sft(sft.Dataset.from_list(rows), tok, 32, None, "train")
+    assert len(ex) == 3
+    assert (
+        "train: 3 examples, 0 truncated, 1 dropped (1 prompt leaves no room"
+        in capsys.readouterr().out
+    )
+
+
+def test_tokenizer_without_pad_token_uses_eos(tiny_models, data_files, tmp_path, capsys):
+    run_main(
+        model_name_or_path=tiny_models["llama_nopad"],
+        dataset_name=data_files["prompt_completion"],
+        max_steps=2,
+        per_device_train_batch_size=3,
+        output_dir=str(tmp_path / "o"),
+    )
+    assert "using EOS as pad" in capsys.readouterr().out
     assert (tmp_path / "o" / "model.safetensors").exists()
