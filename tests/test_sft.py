@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ARCHS, assert_one_line_error, main_error, write_jsonl
+from conftest import ARCHS, main_error, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sft
@@ -501,13 +501,13 @@ def test_greedy_samples_ignore_checkpointing_and_generation_config(
     config = json.loads((leaky / "generation_config.json").read_text())
     config.update(repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=6)
     (leaky / "generation_config.json").write_text(json.dumps(config))
-    common = dict(
-        dataset_name=data_files["prompt_completion"],
-        max_steps=1,
-        eval_split="train[:4]",
-        num_samples=4,
-        max_new_tokens=6,
-    )
+    common = {
+        "dataset_name": data_files["prompt_completion"],
+        "max_steps": 1,
+        "eval_split": "train[:4]",
+        "num_samples": 4,
+        "max_new_tokens": 6,
+    }
     samples = {}
     for name, extra in [
         ("plain", {}),
@@ -586,12 +586,12 @@ def test_non_finite_loss_stops_before_the_weights_change(
 
 def test_output_dir_reuse_needs_overwrite_or_resume(tiny_model, data_files, tmp_path):
     out = tmp_path / "o"
-    common = dict(
-        model_name_or_path=tiny_model,
-        dataset_name=data_files["prompt_completion"],
-        max_steps=2,
-        output_dir=str(out),
-    )
+    common = {
+        "model_name_or_path": tiny_model,
+        "dataset_name": data_files["prompt_completion"],
+        "max_steps": 2,
+        "output_dir": str(out),
+    }
     run_main(**common, save_steps=1)
     assert "already holds a run" in main_error("sft.py", **common, per_device_train_batch_size=4)
     message = main_error(
