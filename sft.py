@@ -453,6 +453,10 @@ def main(args: Args):
         scheduler.load_state_dict(state["scheduler"])
     accelerator.init_trackers("sft", config=asdict(args))
     log = MetricsLog(accelerator, args.output_dir, resume_step=step)
+    samples_path = Path(args.output_dir) / "samples.jsonl"
+    if step and accelerator.is_main_process and samples_path.exists():  # steps after it are re-run
+        rows = samples_path.read_text().splitlines()
+        samples_path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= step))
     sample_prompts = [e["input_ids"][: e["loss_mask"].index(1)] for e in evals[: args.num_samples]]
 
     # ---- train ----
@@ -524,7 +528,7 @@ def main(args: Args):
                     tokenizer,
                     sample_prompts,
                     args.max_new_tokens,
-                    Path(args.output_dir) / "samples.jsonl",
+                    samples_path,
                     step,
                 )
             if args.save_steps > 0 and step % args.save_steps == 0 and step < total_steps:
