@@ -423,6 +423,13 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
     )
+    plugin = (
+        accelerator.state.deepspeed_plugin
+    )  # DeepSpeed clips inside its step, at its config's norm
+    if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
+        plugin.deepspeed_config["gradient_clipping"] = (
+            args.max_grad_norm
+        )  # (accelerate's auto: 1.0)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(
         model, optimizer, train_loader, eval_loader
     )

@@ -369,6 +369,9 @@ def test_deepspeed_zero(
     """Every ZeRO stage and precision runs, checkpoints, evaluates, samples and saves a model that plain
     from_pretrained loads; ZeRO-3 in fp32 ends where the DDP run with the same global batch does."""
     out = tmp_path / "out"
+    # ZeRO-2 fp32 also checks that DeepSpeed clips at --max_grad_norm (it clips inside its own step):
+    # at 1e-7 most gradient elements are far below AdamW's eps, so the weights barely move.
+    clip = ["--max_grad_norm", 1e-7] if (stage, bf16) == (2, False) else []
     run_deepspeed(
         "sft.py",
         *common_args(tiny_model, data_files),
@@ -378,6 +381,7 @@ def test_deepspeed_zero(
         1,
         "--output_dir",
         out,
+        *clip,
         *(["--bf16"] if bf16 else []),
         stage=stage,
         bf16=bf16,
@@ -386,6 +390,9 @@ def test_deepspeed_zero(
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert (out / "checkpoints" / "step_1" / "step.json").exists()
     assert len((out / "samples.jsonl").read_text().splitlines()) == 2
+    w, w0 = weights(out), weights(tiny_model)
+    moved = torch.cat([(w[k].float() - w0[k]).abs().flatten() for k in w]).mean().item()
+    assert moved < 5e-5 if clip else moved > 3e-4, moved  # measured: 7.6e-6 clipped, 6.0e-4 not
     if stage == 3 and not bf16:
         assert max_diff(weights(out), weights(ddp_run)) <= 1e-4
 
@@ -503,6 +510,15 @@ def test_bf16_checkpoint_trains_in_fp32(tiny_model_bf16, data_files, weights, tm
         w1[k].numel() for k in trained
     )
     assert changed > 0.9, changed  # in pure bf16 a 1e-5 step is below the weights' resolution
+    # --init_from_scratch from a bf16 config builds float32 weights too
+    run_main(
+        model_name_or_path=tiny_model_bf16,
+        init_from_scratch=True,
+        max_steps=1,
+        dataset_name=data_files["prompt_completion"],
+        output_dir=str(tmp_path / "scratch"),
+    )
+    assert {w.dtype for w in weights(tmp_path / "scratch").values()} == {torch.float32}
 
 
 def test_greedy_samples_ignore_checkpointing_and_generation_config(
