@@ -50,9 +50,7 @@ class Args:
     """Supervised fine-tuning (SFT): train a causal LM on demonstrations, with the loss on completion
     tokens only (prompt-completion, chat `messages`, or the chosen side of preference data).
 
-    Example, offline with local files:
-    python sft.py --model_name_or_path path/to/model --dataset_name data.jsonl --max_steps 100
-    --output_dir outputs/sft
+    Offline example: python sft.py --model_name_or_path path/to/model --dataset_name data.jsonl
     """
 
     # ---- model and data ----
