@@ -359,19 +359,13 @@ def main(args: Args):
     )
     set_seed(args.seed)
     tokenizer = load_tokenizer(args)
-    splits = {"train": args.train_split, "eval": args.eval_split}
-    train, evals = [
-        tokenize_sft(
-            to_sft(load_split(args.dataset_name, args.dataset_config, split), args.filter),
-            tokenizer,
-            args.max_length,
-            args.max_prompt_length,
-            name,
-        )
-        if split
-        else []
-        for name, split in splits.items()
-    ]
+
+    def load_and_tokenize(split: str, name: str) -> list:
+        ds = to_sft(load_split(args.dataset_name, args.dataset_config, split), args.filter)
+        return tokenize_sft(ds, tokenizer, args.max_length, args.max_prompt_length, name)
+
+    train = load_and_tokenize(args.train_split, "train")
+    evals = load_and_tokenize(args.eval_split, "eval") if args.eval_split else []
     collate = lambda examples: collate_sft(examples, tokenizer.pad_token_id)
     train_loader = torch.utils.data.DataLoader(
         train, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collate
