@@ -12,15 +12,17 @@ the attention mask (the same for left or right padding and for EOS-as-pad tokeni
 output is a plain AutoModelForSequenceClassification with `config.reward_mean` / `config.reward_std`
 (over the eval responses) so later stages can normalize scores.
 
-    python reward_model.py --model_name_or_path EleutherAI/pythia-160m --dataset_name Anthropic/hh-rlhf \
-        --eval_split test
-    python reward_model.py --eval_only --model_name_or_path outputs/reward_model --dataset_name ... --eval_split test
-    accelerate launch --config_file accelerate_configs/multi_gpu.yaml reward_model.py ...
+    python reward_model.py --model_name_or_path outputs/sft --dataset_name pairs.jsonl --output_dir outputs/rm
+    python reward_model.py --eval_only --model_name_or_path outputs/rm --dataset_name pairs.jsonl \
+        --eval_split test --output_dir outputs/rm_eval
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml reward_model.py ...
 
-Self-contained on purpose: the small helpers below are repeated, byte-identical, in every script.
+Self-contained on purpose: the helpers fenced at the bottom are repeated, byte-identical, in every
+script that uses them.
 """
 
 import contextlib
+import importlib.util
 import json
 import math
 import shutil
@@ -35,39 +37,54 @@ import torch
 import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    broadcast_object_list,
+    set_seed,
+)
 from datasets import Dataset, load_dataset
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
 
 @dataclass
 class Args:
+    """Reward modeling: train a Bradley-Terry reward model (a scalar head read at the last token) on
+    preference pairs (prompt+chosen+rejected, HH-RLHF transcripts or SafeRLHF), or score one with
+    --eval_only.
+
+    Example, offline with local files:
+    python reward_model.py --model_name_or_path outputs/sft --dataset_name pairs.jsonl --max_steps 100
+    --output_dir outputs/reward_model
+    """
+
     # ---- model and data ----
     model_name_or_path: str = "EleutherAI/pythia-160m"
     """hub id or local directory of the causal LM (usually the SFT model) or, with --eval_only, the reward model"""
-    tokenizer_name_or_path: Optional[str] = None
+    tokenizer_name_or_path: str | None = None
     """tokenizer to use (defaults to model_name_or_path)"""
     trust_remote_code: bool = False
     """allow model/tokenizer code from the hub to run (opt-in)"""
     dataset_name: str = "Anthropic/hh-rlhf"
     """hub id, or a local .json/.jsonl/.parquet file or a directory of them (files named after splits)"""
-    dataset_config: Optional[str] = None
+    dataset_config: str | None = None
     """hub dataset configuration name"""
     train_split: str = "train"
     """split to train on; slicing works, e.g. 'train[:90%]'"""
-    eval_split: Optional[str] = None
+    eval_split: str | None = None
     """split for eval accuracy and the reward statistics, e.g. 'test' or 'train[90%:]' (None: no evaluation)"""
     filter: Literal["none", "dual_safe", "dual_unsafe"] = "none"
     """SafeRLHF-style data: drop pairs where both responses are safe / both unsafe (paper Table 2)"""
     max_length: int = 512
     """maximum tokens of prompt + response"""
-    max_prompt_length: Optional[int] = None
+    max_prompt_length: int | None = None
     """prompts longer than this keep their last tokens (None: prompts are not truncated)"""
     center_rewards_coefficient: float = 0.0
     """weight c of the penalty c * (r_chosen + r_rejected)^2 that keeps rewards near 0 (Eisenstein et al. 2023)"""
     eval_only: bool = False
-    """no training: score the reward model at model_name_or_path on eval_split (else train_split)"""
+    """no training: score the reward model at model_name_or_path on eval_split (else train_split); writes only
+    output_dir/eval_results.json, and refuses an output_dir that holds a run or is the model's own directory"""
     # ---- optimization (defaults: Tulu 2.5 App. F, one epoch at 1e-5 with 3% warmup) ----
     seed: int = 1
     """random seed (head init, data order)"""
@@ -92,53 +109,602 @@ class Args:
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
     bf16: bool = False
-    """train in bfloat16 mixed precision"""
+    """train in bfloat16 mixed precision (the weights stay float32)"""
     gradient_checkpointing: bool = False
     """trade compute for memory by recomputing activations"""
     # ---- logging, evaluation, saving ----
     output_dir: str = "outputs/reward_model"
     """where the model, args.json, metrics.jsonl, eval_results.json and checkpoints/ go"""
+    overwrite_output_dir: bool = False
+    """replace a previous run in output_dir (its checkpoints, metrics and model)"""
     logging_steps: int = 10
     """log train metrics every this many optimizer steps"""
     eval_steps: int = 100
     """evaluate every this many optimizer steps (and at the end)"""
     save_steps: int = 500
     """write a resumable checkpoint every this many optimizer steps (0: never)"""
-    resume_from_checkpoint: Optional[str] = None
+    resume_from_checkpoint: str | None = None
     """'latest' or a path to output_dir/checkpoints/step_N to continue from"""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
-    """experiment tracker"""
+    """experiment tracker (its package must be installed)"""
+
+
+# ---- the math: Bradley-Terry loss on rewards read at the last real token (Sec. 3, Eq. 3-4) ----
+
+
+def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """r(x, y) of each sequence: the head's score at its last real token (found from the mask)."""
+    scores = score_tokens(model, input_ids, attention_mask)
+    return scores[
+        torch.arange(scores.shape[0], device=scores.device), last_token_index(attention_mask)
+    ].float()
+
+
+def reward_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    center_rewards_coefficient: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair Bradley-Terry loss (Eq. 4): -log sigmoid(r_chosen - r_rejected - margin), plus the
+    optional centring penalty c * (r_chosen + r_rejected)^2 (Eisenstein et al. 2023, as in TRL)."""
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff)
+    if center_rewards_coefficient:
+        loss = loss + center_rewards_coefficient * (chosen + rejected) ** 2
+    return loss
+
+
+def init_head(head: torch.nn.Linear):
+    """A fresh scalar head: weights N(0, 1/(d+1)), zero bias (Stiennon et al. 2020), so initial rewards
+    have about unit scale whatever the hidden size d."""
+    gather = contextlib.nullcontext()
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():  # the weights are sharded: gather, change on rank 0, re-shard
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=0)
+    with gather:
+        torch.nn.init.normal_(head.weight, std=1 / math.sqrt(head.in_features + 1))
+        if head.bias is not None:
+            torch.nn.init.zeros_(head.bias)
+
+
+# ---- stage glue: arguments, pairs, model, evaluation ----
+
+
+def check_reward_args(args: Args):
+    """Argument mistakes, one line each, before anything loads."""
+    for name in (
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "eval_steps",
+        "max_length",
+    ):
+        if getattr(args, name) < 1:
+            raise DataError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.learning_rate > 0:
+        raise DataError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if args.max_prompt_length is not None and args.max_prompt_length < 1:
+        raise DataError(
+            f"--max_prompt_length must be >= 1 (or unset), got {args.max_prompt_length}"
+        )
+    if args.max_steps <= 0 and not args.num_train_epochs > 0:
+        raise DataError(
+            f"--num_train_epochs must be > 0 (or --max_steps set), got {args.num_train_epochs}"
+        )
+    if (
+        args.save_steps < 0
+        or not 0 <= args.warmup_ratio <= 1
+        or not args.center_rewards_coefficient >= 0
+    ):
+        raise DataError(
+            "--save_steps and --center_rewards_coefficient must be >= 0, --warmup_ratio within [0, 1]"
+        )
+    package = {"tensorboard": ["tensorboard", "tensorboardX"], "wandb": ["wandb"]}.get(
+        args.report_to, []
+    )
+    if package and not any(importlib.util.find_spec(p) for p in package):
+        raise DataError(
+            f"--report_to {args.report_to}: the package is not installed (pip install {package[0]})"
+        )
+    check_model_path(args.model_name_or_path)
+    if args.eval_only:
+        out = Path(args.output_dir)
+        if (out / "args.json").exists() or (
+            out.exists() and out.resolve() == Path(args.model_name_or_path).resolve()
+        ):
+            raise DataError(
+                f"--eval_only writes eval_results.json into --output_dir, and {out} holds a run or the "
+                "model being scored; pass another --output_dir"
+            )
+
+
+def to_reward_pairs(ds: Dataset, filter: str = "none") -> Dataset:
+    """Any preference shape -> columns prompt, chosen, rejected, margin (an optional `margin` column of
+    finite numbers is kept for the margin loss; 0 when absent)."""
+    cols = ds.column_names
+    if filter != "none" and "safer_response_id" not in cols:
+        raise DataError(
+            f"--filter {filter} needs SafeRLHF-style data (is_response_*_safe columns); "
+            f"found columns {sorted(cols)}"
+        )
+    if (
+        "margin" in cols and "response_0" in cols
+    ):  # which response wins is decided here, not in the data
+        raise DataError(
+            "column 'margin' works with prompt+chosen+rejected or HH-RLHF data, not SafeRLHF-style "
+            "data (response_0/response_1), whose chosen side is derived from the safety labels"
+        )
+    margins = list(ds["margin"]) if "margin" in cols else None
+    for i, m in enumerate(margins or []):
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+            raise DataError(f"row {i}, column 'margin': expected a finite number, found {m!r}")
+    pairs = to_preference(ds, filter)
+    return pairs.add_column(
+        "margin", [float(m) for m in margins] if margins else [0.0] * len(pairs)
+    )
+
+
+def tokenize_pairs(
+    ds: Dataset, tokenizer, max_length: int, max_prompt_length: int | None, name: str
+) -> list:
+    """-> list of {chosen_ids, rejected_ids, margin}: prompt + response + EOS token ids for each side.
+    Logs how many pairs were truncated or dropped; a pair whose two sides are identical (as given, or
+    after truncation) carries no preference and is dropped with a count."""
+    examples, n_truncated, n_dropped, n_identical = [], 0, 0, 0
+    for i, row in enumerate(ds):
+        if isinstance(row["prompt"], str) and not (
+            isinstance(row["chosen"], str) and isinstance(row["rejected"], str)
+        ):
+            raise DataError(
+                f"row {i}: chosen and rejected as messages need the prompt as messages too"
+            )
+        prompt_ids = encode_prompt(tokenizer, row["prompt"])
+        chosen = truncate(
+            prompt_ids,
+            encode_completion(tokenizer, row["prompt"], row["chosen"]),
+            max_length,
+            max_prompt_length,
+        )
+        rejected = truncate(
+            prompt_ids,
+            encode_completion(tokenizer, row["prompt"], row["rejected"]),
+            max_length,
+            max_prompt_length,
+        )
+        if chosen is None or rejected is None:
+            n_dropped += 1
+            continue
+        chosen_ids, rejected_ids = chosen[0] + chosen[1], rejected[0] + rejected[1]
+        if chosen_ids == rejected_ids:
+            n_identical += 1
+            continue
+        n_truncated += chosen[2] or rejected[2]
+        examples.append(
+            {"chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "margin": row["margin"]}
+        )
+    print(
+        f"{name}: {len(examples)} pairs, {n_truncated} truncated, {n_dropped} dropped (prompt leaves no room "
+        f"for a response within max_length={max_length}), {n_identical} dropped (chosen identical to rejected)"
+    )
+    if not examples:
+        raise DataError(
+            f"{name}: no preference pair left ({n_dropped} with prompts over max_length={max_length}, "
+            f"{n_identical} with chosen identical to rejected)"
+        )
+    return examples
+
+
+def collate_pairs(examples: list, pad_id: int) -> dict:
+    """One right-padded batch of 2B sequences, the B chosen then the B rejected, for one forward pass."""
+    seqs = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+    return {
+        "input_ids": pad(seqs, pad_id),
+        "attention_mask": pad([[1] * len(s) for s in seqs], 0),
+        "margin": torch.tensor([e["margin"] for e in examples], dtype=torch.float),
+    }
+
+
+def load_reward_model(args, tokenizer):
+    """AutoModelForSequenceClassification with one output, float32 weights and dropout off. Returns
+    (model, fresh_head): fresh_head is True when the checkpoint had no `score` head (a causal LM, e.g.
+    the SFT model)."""
+    model, info = load_pretrained(
+        AutoModelForSequenceClassification,
+        args.model_name_or_path,
+        torch.float32,
+        args.trust_remote_code,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        output_loading_info=True,
+    )
+    disable_dropout(model)
+    if not isinstance(getattr(model, "score", None), torch.nn.Linear):
+        raise DataError(
+            f"{type(model).__name__} has no linear `score` head (the reward-model contract reads it)"
+        )
+    return model, any(k.startswith("score.") for k in info["missing_keys"])
+
+
+@torch.no_grad()
+def evaluate_rewards(accelerator, model, loader, center_rewards_coefficient: float = 0.0) -> dict:
+    """Accuracy and reward statistics over every pair of the loader (gather_for_metrics drops the
+    duplicates that even batches add on several processes)."""
+    model.eval()
+    rows = []
+    for batch in loader:
+        with accelerator.autocast():
+            rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+        n = len(batch["margin"])
+        rows.append(
+            accelerator.gather_for_metrics(
+                torch.stack([rewards[:n], rewards[n:], batch["margin"]], 1)
+            )
+        )
+    model.train()
+    chosen, rejected, margin = torch.cat(rows).T
+    both = torch.cat([chosen, rejected])
+    return {
+        "eval/loss": reward_loss(chosen, rejected, margin, center_rewards_coefficient)
+        .mean()
+        .item(),
+        "eval/accuracy": (chosen > rejected).float().mean().item(),
+        "eval/reward_chosen": chosen.mean().item(),
+        "eval/reward_rejected": rejected.mean().item(),
+        "eval/reward_mean": both.mean().item(),
+        "eval/reward_std": both.std().item(),
+    }
+
+
+def write_eval_results(metrics: dict, n_pairs: int, split: str, output_dir):
+    results = {
+        **metrics,
+        "num_pairs": n_pairs,
+        "split": split,
+        "reward_mean": metrics["eval/reward_mean"],
+        "reward_std": metrics["eval/reward_std"],
+    }
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / "eval_results.json").write_text(json.dumps(results, indent=2))
+
+
+def on_main(accelerator, fn, *fn_args):
+    """Run fn on the main process; every process raises the same DataError if it failed (no hang)."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            fn(*fn_args)
+        except DataError as e:
+            error = str(e)
+    error = broadcast_object_list([error])[0]
+    if error:
+        raise DataError(error)
+
+
+# ---- main, in phases: check -> data -> model -> prepare -> train -> statistics and save ----
+
+
+def main(args: Args):
+    # ---- 1. arguments and data, checked before any model is loaded ----
+    check_reward_args(args)
+    accelerator = Accelerator(
+        mixed_precision="bf16" if args.bf16 else None,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=args.output_dir,
+    )
+    set_seed(args.seed)
+    raw = {}
+    for name, split in (
+        [("eval", args.eval_split or args.train_split)]
+        if args.eval_only
+        else [("train", args.train_split)]
+        + ([("eval", args.eval_split)] if args.eval_split else [])
+    ):
+        raw[name] = to_reward_pairs(
+            load_split(args.dataset_name, args.dataset_config, split), args.filter
+        )
+    tokenizer = load_tokenizer(args)
+    pairs = {
+        name: tokenize_pairs(ds, tokenizer, args.max_length, args.max_prompt_length, name)
+        for name, ds in raw.items()
+    }
+    train, evals = pairs.get("train", []), pairs.get("eval", [])
+    if args.eval_only and args.eval_split is None:
+        print(f"--eval_only without --eval_split: scoring split '{args.train_split}'")
+    collate = lambda examples: collate_pairs(examples, tokenizer.pad_token_id)
+    # The eval loader also yields the reward statistics; with no eval split they come from the train pairs.
+    eval_loader = torch.utils.data.DataLoader(
+        evals or train, batch_size=args.per_device_eval_batch_size, collate_fn=collate
+    )
+    train_loader = train and torch.utils.data.DataLoader(
+        train, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collate
+    )
+    ga = args.gradient_accumulation_steps  # one step = per_device batch x processes x ga (in pairs)
+    if train and math.ceil(len(train_loader) / accelerator.num_processes) < ga:
+        raise DataError(
+            f"{len(train)} training pairs make no full step of "
+            f"{args.per_device_train_batch_size} x {accelerator.num_processes} x {ga}"
+        )
+    resume_from = (
+        None if args.eval_only else find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    )
+    if not args.eval_only:  # refuse to mix runs; all processes stop on the same verdict
+        on_main(accelerator, prepare_output_dir, args, resume_from)
+
+    # ---- 2. model: float32 weights (mixed precision comes from --bf16 autocast or DeepSpeed) ----
+    model, fresh_head = load_reward_model(args, tokenizer)
+    if fresh_head:
+        if args.eval_only:
+            raise DataError(
+                f"--eval_only needs a reward model; {args.model_name_or_path} has no trained `score` head"
+            )
+        init_head(model.score)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+
+    if args.eval_only:
+        model, eval_loader = accelerator.prepare(model, eval_loader)
+        metrics = evaluate_rewards(accelerator, model, eval_loader, args.center_rewards_coefficient)
+        check_finite(
+            torch.tensor([metrics["eval/reward_mean"], metrics["eval/reward_std"]]),
+            "eval/reward",
+            0,
+        )
+        on_main(
+            accelerator,
+            write_eval_results,
+            metrics,
+            len(evals),
+            args.eval_split or args.train_split,
+            args.output_dir,
+        )
+        accelerator.print(json.dumps(metrics))
+        accelerator.end_training()
+        return
+
+    # ---- 3. prepare: optimizer, DeepSpeed settings, schedule, resume ----
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
+    )
+    plugin = (
+        accelerator.state.deepspeed_plugin
+    )  # DeepSpeed clips inside its step, at its config's norm
+    if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
+        plugin.deepspeed_config["gradient_clipping"] = (
+            args.max_grad_norm
+        )  # (accelerate's auto: 1.0)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader
+    )
+    if accelerator.gradient_accumulation_steps != ga:
+        raise DataError(
+            f"the DeepSpeed config sets gradient_accumulation_steps={accelerator.gradient_accumulation_steps}, "
+            f"the script {ga}: set them equal (or 'auto' in the config)"
+        )
+    steps_per_epoch = (
+        len(train_loader) // ga
+    )  # an incomplete trailing accumulation group is skipped
+    total_steps = (
+        args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    )
+    scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )  # not prepared: accelerate would step it per process
+    step = 0
+    if resume_from is not None:  # accelerate's state, plus our own (step, scheduler) from step.json
+        state = load_checkpoint(accelerator, resume_from)
+        step = state["step"]
+        scheduler.load_state_dict(state["scheduler"])
+    accelerator.init_trackers("reward_model", config=asdict(args))
+    log = MetricsLog(accelerator, args.output_dir, resume_step=step)
+
+    # ---- 4. train ----
+    model.train()
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        disable=not accelerator.is_main_process,
+        desc="reward_model",
+    )
+    window = torch.zeros(
+        5, device=accelerator.device
+    )  # loss sum, correct pairs, margin sum, pairs, tokens
+    window_start, last_eval = time.time(), None
+    while step < total_steps:
+        train_loader.set_epoch(
+            step // steps_per_epoch
+        )  # the same data order on every process and after a resume
+        skip = (step % steps_per_epoch) * ga
+        batches = iter(accelerator.skip_first_batches(train_loader, skip) if skip else train_loader)
+        for _ in range(steps_per_epoch - step % steps_per_epoch):
+            micro = list(islice(batches, ga))
+            # Average over the pairs of the whole global batch, so 1 process and N processes (and any
+            # accumulation) give the same gradient; DDP averages over processes, hence the factor.
+            n_pairs = accelerator.gather(
+                torch.tensor([sum(len(b["margin"]) for b in micro)], device=accelerator.device)
+            ).sum()
+            local = torch.zeros(5, device=accelerator.device)  # this process's share of the window
+            for i, batch in enumerate(micro):
+                with accelerator.accumulate(model):
+                    with (
+                        accelerator.autocast()
+                    ):  # chosen and rejected in one forward: first n rows chosen
+                        rewards = sequence_rewards(
+                            model, batch["input_ids"], batch["attention_mask"]
+                        )
+                    n = len(batch["margin"])
+                    chosen, rejected = rewards[:n], rewards[n:]
+                    loss = reward_loss(
+                        chosen, rejected, batch["margin"], args.center_rewards_coefficient
+                    )
+                    local += torch.stack(
+                        [
+                            loss.sum(),
+                            (chosen > rejected).float().sum(),
+                            (chosen - rejected).sum(),
+                            torch.tensor(float(n), device=loss.device),
+                            batch["attention_mask"].sum().float(),
+                        ]
+                    ).detach()
+                    if (
+                        i == ga - 1
+                    ):  # before the backward that steps (DeepSpeed steps inside backward)
+                        step_sums = accelerator.reduce(local, "sum")  # one sync per optimizer step
+                        check_finite(step_sums[0], "train/loss", step + 1)
+                    accelerator.backward(loss.sum() * accelerator.num_processes * ga / n_pairs)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad()
+            window += step_sums
+            step += 1
+            bar.update(1)
+
+            # ---- log, evaluate, save ----
+            if step % args.logging_steps == 0 or step == total_steps:
+                loss_sum, correct, margin_sum, n_seen, tokens = window.tolist()
+                metrics = {
+                    "train/loss": loss_sum / n_seen,
+                    "train/accuracy": correct / n_seen,
+                    "train/margin": margin_sum / n_seen,
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/tokens_per_second": tokens / max(time.time() - window_start, 1e-9),
+                    "epoch": step / steps_per_epoch,
+                }
+                log.log(metrics, step)
+                bar.set_postfix(
+                    loss=f"{metrics['train/loss']:.3f}",
+                    acc=f"{metrics['train/accuracy']:.2f}",
+                    tok_s=f"{metrics['train/tokens_per_second']:.0f}",
+                )
+                window.zero_()
+                window_start = time.time()
+            if evals and (step % args.eval_steps == 0 or step == total_steps):
+                last_eval = evaluate_rewards(
+                    accelerator, model, eval_loader, args.center_rewards_coefficient
+                )
+                log.log(last_eval, step)
+            if args.save_steps > 0 and step % args.save_steps == 0 and step < total_steps:
+                save_checkpoint(
+                    accelerator, args.output_dir, step, {"scheduler": scheduler.state_dict()}
+                )
+            if step >= total_steps:
+                break
+    bar.close()
+
+    # ---- 5. reward statistics (for later stages to normalize scores) and save ----
+    if last_eval is None:
+        accelerator.print(
+            "no eval split: reward_mean/reward_std are computed over the train responses"
+        )
+        last_eval = evaluate_rewards(
+            accelerator, model, eval_loader, args.center_rewards_coefficient
+        )
+    check_finite(
+        torch.tensor([last_eval["eval/reward_mean"], last_eval["eval/reward_std"]]),
+        "eval/reward",
+        step,
+    )
+    on_main(
+        accelerator,
+        write_eval_results,
+        last_eval,
+        len(evals or train),
+        args.eval_split or args.train_split,
+        args.output_dir,
+    )
+    config = accelerator.unwrap_model(model).config
+    config.reward_mean, config.reward_std = (
+        last_eval["eval/reward_mean"],
+        last_eval["eval/reward_std"],
+    )
+    accelerator.print(
+        f"reward_mean={config.reward_mean:.4f} reward_std={config.reward_std:.4f} (in config.json)"
+    )
+    save_model(accelerator, model, tokenizer, args.output_dir)
+    accelerator.end_training()
+
+
+# ---- shared helpers: identical in every script that has them (tests/test_shared_helpers.py) ----
 
 
 class DataError(ValueError):
-    """Bad input: reported as one line, before any model is loaded."""
-
-
-# ---------------------------------------------------------------------------------------------
-# ---- shared helpers (byte-identical in sft.py, reward_model.py, dpo.py, ppo.py) ----
-# ---------------------------------------------------------------------------------------------
+    """Bad input or a run that must stop: reported as one `error:` line, never a traceback."""
 
 
 def load_split(name: str, config: Optional[str], split: str) -> Dataset:
     """A hub dataset, or local .json/.jsonl/.parquet file(s); a directory's files are named by split."""
     path = Path(name)
-    if path.suffix in (".json", ".jsonl", ".parquet") or path.exists():
+    if (
+        path.suffix in (".json", ".jsonl", ".parquet")
+        or path.exists()
+        or name.startswith((".", "/", "~"))
+    ):
         if not path.exists():
             raise DataError(f"{name}: no such file")
-        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl", ".parquet")) if path.is_dir() else [path]
+        files = (
+            sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl", ".parquet"))
+            if path.is_dir()
+            else [path]
+        )
         if not files or all(f.stat().st_size == 0 for f in files):
             raise DataError(f"{name}: no data (empty file or no .json/.jsonl/.parquet files)")
         data_files = {f.stem: str(f) for f in files} if path.is_dir() else {"train": str(path)}
         builder = "parquet" if files[0].suffix == ".parquet" else "json"
         try:
             ds = load_dataset(builder, data_files=data_files, split=split)
-        except ValueError as e:  # unknown split, unreadable file
-            raise DataError(f"{name}: cannot load split '{split}' ({e})") from None
+        except (
+            Exception
+        ) as e:  # unknown split, unreadable or malformed file (DatasetGenerationError)
+            cause = " ".join(str(e.__cause__ or e).split())[:200]
+            raise DataError(f"{name}: cannot load split '{split}' ({cause})") from None
     else:
-        ds = load_dataset(name, config, split=split)
+        try:
+            ds = load_dataset(name, config, split=split)
+        except Exception as e:  # offline, unknown id, unknown split: one line, not a traceback
+            raise DataError(
+                f"dataset {name!r}: cannot load split '{split}' ({str(e).splitlines()[0][:200]})"
+            ) from None
     if len(ds) == 0:
         raise DataError(f"{name} split '{split}' is empty")
     return ds
+
+
+def check_text(value, column: str, row: int, messages_ok: bool = True):
+    """A text field must be a string (or, where chat data is allowed, a list of {role, content} messages)."""
+    if isinstance(value, str):
+        return
+    if (
+        messages_ok
+        and isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in value
+        )
+    ):
+        return
+    expected = "a string or a list of {role, content} messages" if messages_ok else "a string"
+    raise DataError(
+        f"row {row}, column '{column}': expected {expected}, found {type(value).__name__} {str(value)[:40]!r}"
+    )
 
 
 def split_hh_transcript(chosen: str, rejected: str):
@@ -149,38 +715,81 @@ def split_hh_transcript(chosen: str, rejected: str):
         raise DataError(f"HH-RLHF transcript without '{marker.strip()}': {chosen[:60]!r}")
     prompt = chosen[: cut + len(marker)]
     if not rejected.startswith(prompt):
-        raise DataError(f"HH-RLHF pair whose transcripts diverge before the last turn: {prompt[:60]!r}")
-    return prompt, chosen[len(prompt):], rejected[len(prompt):]
+        raise DataError(
+            f"HH-RLHF pair whose transcripts diverge before the last turn: {prompt[:60]!r}"
+        )
+    return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
+
+
+SAFERLHF_COLUMNS = [
+    "prompt",
+    "response_0",
+    "response_1",
+    "better_response_id",
+    "safer_response_id",
+    "is_response_0_safe",
+    "is_response_1_safe",
+]
 
 
 def to_preference(ds: Dataset, filter: str = "none") -> Dataset:
-    """Any preference shape of DESIGN section 4 -> columns prompt, chosen, rejected."""
+    """Any preference shape of DESIGN section 4 -> columns prompt, chosen, rejected (types checked per row)."""
     cols = set(ds.column_names)
-    if {"response_0", "response_1", "better_response_id", "safer_response_id"} <= cols:
+    if {"response_0", "response_1"} <= cols:
+        missing = [c for c in SAFERLHF_COLUMNS if c not in cols]
+        if missing:
+            raise DataError(f"SafeRLHF-style data (response_0/response_1) lacks columns {missing}")
+        for i, row in enumerate(ds.select_columns(SAFERLHF_COLUMNS)):
+            for c in ("prompt", "response_0", "response_1"):
+                check_text(row[c], c, i)
+            for c in ("better_response_id", "safer_response_id"):
+                if row[c] not in (0, 1) or isinstance(row[c], bool):
+                    raise DataError(f"row {i}, column '{c}': expected 0 or 1, found {row[c]!r}")
+            for c in ("is_response_0_safe", "is_response_1_safe"):
+                if not isinstance(row[c], bool):
+                    raise DataError(
+                        f"row {i}, column '{c}': expected true or false, found {row[c]!r}"
+                    )
+
         # Paper Sec. 4.3: prefer the safer response when safety differs, else the more helpful one.
         def saferlhf(row):
             safe = (row["is_response_0_safe"], row["is_response_1_safe"])
             win = row["safer_response_id"] if safe[0] != safe[1] else row["better_response_id"]
-            return {"prompt": row["prompt"], "chosen": row[f"response_{win}"], "rejected": row[f"response_{1 - win}"]}
+            return {
+                "prompt": row["prompt"],
+                "chosen": row[f"response_{win}"],
+                "rejected": row[f"response_{1 - win}"],
+            }
 
-        keep = {"none": lambda r: True,
-                "dual_safe": lambda r: not (r["is_response_0_safe"] and r["is_response_1_safe"]),
-                "dual_unsafe": lambda r: r["is_response_0_safe"] or r["is_response_1_safe"]}[filter]
+        keep = {
+            "none": lambda r: True,
+            "dual_safe": lambda r: not (r["is_response_0_safe"] and r["is_response_1_safe"]),
+            "dual_unsafe": lambda r: r["is_response_0_safe"] or r["is_response_1_safe"],
+        }[filter]
         n = len(ds)
         ds = ds.filter(keep)
         print(f"SafeRLHF construction: kept {len(ds)} of {n} pairs (filter={filter})")
         ds = ds.map(saferlhf, remove_columns=ds.column_names)
     elif {"prompt", "chosen", "rejected"} <= cols:
         ds = ds.select_columns(["prompt", "chosen", "rejected"])
+        for i, row in enumerate(ds):
+            for c in ("prompt", "chosen", "rejected"):
+                check_text(row[c], c, i)
     elif {"chosen", "rejected"} <= cols:
+        for i, row in enumerate(ds.select_columns(["chosen", "rejected"])):
+            for c in ("chosen", "rejected"):
+                check_text(row[c], c, i, messages_ok=False)
+
         def hh(row):
             prompt, chosen, rejected = split_hh_transcript(row["chosen"], row["rejected"])
             return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
         ds = ds.map(hh, remove_columns=ds.column_names)
     else:
-        raise DataError(f"dataset has columns {sorted(cols)}; expected one of: prompt+chosen+rejected, "
-                        "chosen+rejected (HH-RLHF), prompt+response_0+response_1+better_response_id+safer_response_id")
+        raise DataError(
+            f"dataset has columns {sorted(cols)}; expected one of: prompt+chosen+rejected, "
+            "chosen+rejected (HH-RLHF), prompt+response_0+response_1+better_response_id+safer_response_id"
+        )
     if len(ds) == 0:
         raise DataError("no preference pairs left after filtering")
     return ds
@@ -189,34 +798,45 @@ def to_preference(ds: Dataset, filter: str = "none") -> Dataset:
 def render_chat(tokenizer, messages, add_generation_prompt=False) -> str:
     if tokenizer.chat_template is None:
         raise DataError("conversational data needs a tokenizer with a chat template")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def encode_prompt(tokenizer, prompt) -> list:
     """Prompt token ids: a string as is (with the tokenizer's special tokens), messages via the chat template."""
     if isinstance(prompt, list):
-        return tokenizer(render_chat(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False).input_ids
+        return tokenizer(
+            render_chat(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False
+        ).input_ids
     return tokenizer(prompt).input_ids
 
 
 def encode_completion(tokenizer, prompt, completion) -> list:
-    """Completion token ids, ending in EOS so the model learns to stop (needed by the EOS trick)."""
-    if isinstance(completion, list):  # assistant messages: the text the template adds after the prompt
+    """Completion token ids ending in exactly one EOS, where generation stops, so the model learns to stop
+    (the EOS trick depends on it). A chat template whose end-of-turn token is the EOS (ChatML:
+    '<|im_end|>\\n') already rendered one: cut after it rather than append a second."""
+    if isinstance(
+        completion, list
+    ):  # assistant messages: the text the template adds after the prompt
         before = render_chat(tokenizer, prompt, add_generation_prompt=True)
         after = render_chat(tokenizer, prompt + completion)
         if not after.startswith(before):
             raise DataError("chat template renders the prompt differently once a response follows")
-        completion = after[len(before):]
+        completion = after[len(before) :]
     ids = tokenizer(completion, add_special_tokens=False).input_ids
-    return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
+    eos = tokenizer.eos_token_id
+    return ids[: len(ids) - ids[::-1].index(eos)] if eos in ids else ids + [eos]
 
 
-def truncate(prompt_ids: list, completion_ids: list, max_length: int, max_prompt_length: Optional[int]):
+def truncate(
+    prompt_ids: list, completion_ids: list, max_length: int, max_prompt_length: Optional[int]
+):
     """Prompts keep their end, completions their start. Returns (prompt, completion, truncated) or None
     when the prompt leaves no room for a completion (the caller drops and counts it)."""
     truncated = False
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-        prompt_ids, truncated = prompt_ids[-max_prompt_length:], True
+        prompt_ids, truncated = prompt_ids[len(prompt_ids) - max_prompt_length :], True
     if len(prompt_ids) >= max_length:
         return None
     if len(prompt_ids) + len(completion_ids) > max_length:
@@ -226,7 +846,12 @@ def truncate(prompt_ids: list, completion_ids: list, max_length: int, max_prompt
 
 def pad(seqs: list, value, side: str = "right") -> torch.Tensor:
     width = max(len(s) for s in seqs)
-    rows = [[value] * (width - len(s)) + list(s) if side == "left" else list(s) + [value] * (width - len(s)) for s in seqs]
+    rows = [
+        [value] * (width - len(s)) + list(s)
+        if side == "left"
+        else list(s) + [value] * (width - len(s))
+        for s in seqs
+    ]
     return torch.tensor(rows)
 
 
@@ -243,31 +868,105 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def score_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The scalar head of an AutoModelForSequenceClassification (num_labels=1) at every token: [B, T].
-    HF's own pooling finds the last token from pad_token_id, which breaks when pad == EOS, so we apply
-    the head to the final hidden states ourselves; callers pick positions from the attention mask."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from(attention_mask), output_hidden_states=True)
-    return getattr(model, "module", model).score(out.hidden_states[-1]).squeeze(-1)
+    HF's own pooling finds the last token from pad_token_id, which breaks when pad == EOS, so we keep the
+    head's output at every token (a forward hook) and callers pick positions from the attention mask.
+    The forward goes through the wrapper: calling the inner module would skip DDP's gradient
+    synchronization (each process would train alone) and DeepSpeed's bookkeeping. No hidden states kept."""
+    scores = []
+    head = getattr(model, "module", model).score  # under a DDP / DeepSpeed wrapper
+    hook = head.register_forward_hook(lambda module, inputs, output: scores.append(output))
+    try:
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from(attention_mask),
+            use_cache=False,
+        )
+    finally:
+        hook.remove()
+    return scores[0].squeeze(-1)
+
+
+def check_model_path(path: str, what: str = "model"):
+    """A local path that does not exist is a typo, not a hub id: say so before anything loads."""
+    if not Path(path).exists() and (
+        path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith("/")
+    ):
+        raise DataError(f"{what} {path}: no such directory")
+
+
+def load_pretrained(cls, path: str, dtype: torch.dtype, trust_remote_code: bool, **kwargs):
+    """from_pretrained with an explicit dtype: transformers 5 otherwise keeps the checkpoint's (a bf16
+    checkpoint would train in pure bf16); a path or hub id that cannot be loaded is one error line."""
+    check_model_path(path)
+    try:
+        return cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as e:
+        raise DataError(
+            f"cannot load a model from {path!r}: {str(e).splitlines()[0][:200]}"
+        ) from None
 
 
 def load_tokenizer(args):
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or args.model_name_or_path,
-                                              trust_remote_code=args.trust_remote_code)
+    path = args.tokenizer_name_or_path or args.model_name_or_path
+    check_model_path(path, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    except OSError as e:  # offline hub id, a directory without a tokenizer
+        raise DataError(
+            f"cannot load a tokenizer from {path!r}: {str(e).splitlines()[0][:200]}"
+        ) from None
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; completions must end in EOS")
     if tokenizer.pad_token_id is None:
         # Sequence ends are found from the attention mask, never from pad ids, so EOS-as-pad is safe.
-        print("tokenizer has no pad token: using EOS as pad (ends are found from the attention mask)")
+        print(
+            "tokenizer has no pad token: using EOS as pad (ends are found from the attention mask)"
+        )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logging step, written by the main process, flushed as written."""
+def disable_dropout(model: torch.nn.Module):
+    """Dropout off in every module and in the config: nn.Dropout modules, and the functional rates that
+    attention reads from a float attribute (Llama, Qwen2, GPT-NeoX `attention_dropout`)."""
+    for key, value in model.config.to_dict().items():
+        if "drop" in key and isinstance(value, float):
+            setattr(model.config, key, 0.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for attr in ("attention_dropout", "dropout", "attn_dropout"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+    return model
 
-    def __init__(self, accelerator, output_dir):
+
+def check_finite(value: torch.Tensor, what: str, step: int):
+    """DESIGN section 4: a non-finite loss, score or reward stops the run before it reaches the weights;
+    checkpoints already written stay as they are. Call it on a value every process shares (reduced)."""
+    if not torch.isfinite(value).all():
+        raise DataError(
+            f"non-finite {what} at step {step}: stopping; nothing more is saved "
+            "(the last checkpoint, if any, is kept)"
+        )
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logging step, written by the main process, flushed as written.
+    On resume from step N, rows after N (written by the run that was interrupted) are dropped first."""
+
+    def __init__(self, accelerator, output_dir, resume_step: int = 0):
         self.accelerator = accelerator
-        self.file = open(Path(output_dir) / "metrics.jsonl", "a") if accelerator.is_main_process else None
+        self.file = None
+        if accelerator.is_main_process:
+            path = Path(output_dir) / "metrics.jsonl"
+            rows = path.read_text().splitlines() if resume_step and path.exists() else []
+            self.file = open(path, "w")
+            for line in rows:
+                if json.loads(line)["step"] <= resume_step:
+                    self.file.write(line + "\n")
+            self.file.flush()
 
     def log(self, metrics: dict, step: int):
         metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
@@ -277,10 +976,46 @@ class MetricsLog:
             self.file.flush()
 
 
-def write_args(args, output_dir):
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(output_dir) / "args.json", "w") as f:
-        json.dump(asdict(args), f, indent=2)
+RESUME_MAY_CHANGE = {
+    "max_steps",
+    "num_train_epochs",
+    "num_iterations",
+    "total_episodes",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "resume_from_checkpoint",
+    "overwrite_output_dir",
+    "report_to",
+    "output_dir",  # a run directory that was moved or copied still resumes
+}
+
+
+def prepare_output_dir(args, resume_from: Optional[Path]):
+    """Refuse to mix runs: a directory that holds a run needs --overwrite_output_dir (which clears it) or a
+    resume; a resume must use the saved arguments, apart from the step budget and logging. Main process."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output_dir {out} is a file")
+    saved = out / "args.json"
+    if resume_from is not None and saved.exists():
+        old, new = json.loads(saved.read_text()), asdict(args)
+        differ = sorted(k for k in new if k not in RESUME_MAY_CHANGE and old.get(k) != new[k])
+        if differ:
+            raise DataError(f"resume with arguments that differ from {saved}: {', '.join(differ)}")
+    elif resume_from is None and saved.exists():
+        if not args.overwrite_output_dir:
+            raise DataError(
+                f"{out} already holds a run; pass --overwrite_output_dir, "
+                "--resume_from_checkpoint latest, or another --output_dir"
+            )
+        for name in ("checkpoints", "metrics.jsonl", "samples.jsonl", "best"):
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            elif (out / name).exists():
+                (out / name).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(asdict(args), indent=2))
 
 
 def save_model(accelerator, model, tokenizer, output_dir):
@@ -292,17 +1027,20 @@ def save_model(accelerator, model, tokenizer, output_dir):
     accelerator.wait_for_everyone()
 
 
-def save_checkpoint(accelerator, output_dir, step: int):
-    """output_dir/checkpoints/step_N, written under a temporary name and renamed when complete, so a
-    run killed while saving never leaves a half-written checkpoint that 'latest' would pick."""
+def save_checkpoint(accelerator, output_dir, step: int, state: dict):
+    """output_dir/checkpoints/step_N: accelerate's model, optimizer and RNG state, plus our own `state`
+    (step, scheduler, running statistics) as JSON in step.json, never pickled. Written under a
+    temporary name and renamed when complete, so a run killed while saving never leaves a half-written
+    checkpoint that 'latest' would pick."""
     final = Path(output_dir) / "checkpoints" / f"step_{step}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process has written its part (RNG state) before the rename
     if accelerator.is_main_process:
-        (tmp / "step.json").write_text(json.dumps({"step": step}))
+        (tmp / "step.json").write_text(json.dumps({"step": step, **state}))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -310,6 +1048,7 @@ def save_checkpoint(accelerator, output_dir, step: int):
 
 
 def find_checkpoint(output_dir, resume_from_checkpoint: Optional[str]) -> Optional[Path]:
+    """None, 'latest' (the newest complete output_dir/checkpoints/step_N) or a path to a checkpoint."""
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint != "latest":
@@ -317,303 +1056,30 @@ def find_checkpoint(output_dir, resume_from_checkpoint: Optional[str]) -> Option
         if not (path / "step.json").exists():
             raise DataError(f"{path}: not a complete checkpoint (no step.json)")
         return path
-    done = [p for p in (Path(output_dir) / "checkpoints").glob("step_*") if (p / "step.json").exists()]
-    return max(done, key=lambda p: int(p.name.split("_")[1])) if done else None
+    done = [
+        p
+        for p in (Path(output_dir) / "checkpoints").glob("step_*")
+        if p.name.split("_")[1].isdigit() and (p / "step.json").exists()
+    ]
+    if not done:
+        raise DataError(
+            f"--resume_from_checkpoint latest: no checkpoint in {Path(output_dir) / 'checkpoints'}"
+        )
+    return max(done, key=lambda p: int(p.name.split("_")[1]))
 
 
-
-
-# ---------------------------------------------------------------------------------------------
-# ---- preference data ----
-# ---------------------------------------------------------------------------------------------
-
-
-def to_reward_pairs(ds: Dataset, filter: str = "none") -> Dataset:
-    """Any preference shape -> columns prompt, chosen, rejected, margin (an optional `margin` column is
-    kept for the margin loss; 0 when absent)."""
-    if filter != "none" and "safer_response_id" not in ds.column_names:
-        raise DataError(f"--filter {filter} needs SafeRLHF-style data (is_response_*_safe columns); "
-                        f"found columns {sorted(ds.column_names)}")
-    margins = list(ds["margin"]) if "margin" in ds.column_names else None
-    pairs = to_preference(ds, filter)
-    if margins is None:
-        return pairs.add_column("margin", [0.0] * len(pairs))
-    if len(margins) != len(pairs) or not all(isinstance(m, (int, float)) for m in margins):
-        raise DataError("column 'margin' must hold one number per pair (prompt+chosen+rejected or HH-RLHF data)")
-    return pairs.add_column("margin", [float(m) for m in margins])
-
-
-def tokenize_pairs(ds: Dataset, tokenizer, max_length: int, max_prompt_length: Optional[int], name: str) -> list:
-    """-> list of {chosen_ids, rejected_ids, margin}: prompt + response + EOS token ids for each side.
-    Logs how many pairs were truncated or dropped; a pair whose two sides are identical (as given, or
-    after truncation) carries no preference and is dropped with a count."""
-    examples, n_truncated, n_dropped, n_identical = [], 0, 0, 0
-    for row in ds:
-        prompt_ids = encode_prompt(tokenizer, row["prompt"])
-        chosen = truncate(prompt_ids, encode_completion(tokenizer, row["prompt"], row["chosen"]),
-                          max_length, max_prompt_length)
-        rejected = truncate(prompt_ids, encode_completion(tokenizer, row["prompt"], row["rejected"]),
-                            max_length, max_prompt_length)
-        if chosen is None or rejected is None:
-            n_dropped += 1
-            continue
-        chosen_ids, rejected_ids = chosen[0] + chosen[1], rejected[0] + rejected[1]
-        if chosen_ids == rejected_ids:
-            n_identical += 1
-            continue
-        n_truncated += chosen[2] or rejected[2]
-        examples.append({"chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "margin": row["margin"]})
-    print(f"{name}: {len(examples)} pairs, {n_truncated} truncated, {n_dropped} dropped (prompt leaves no room "
-          f"for a response within max_length={max_length}), {n_identical} dropped (chosen identical to rejected)")
-    if not examples:
-        raise DataError(f"{name}: no preference pair left ({n_dropped} with prompts over max_length={max_length}, "
-                        f"{n_identical} with chosen identical to rejected)")
-    return examples
-
-
-def collate_pairs(examples: list, pad_id: int) -> dict:
-    """One right-padded batch of 2B sequences, the B chosen then the B rejected, for one forward pass."""
-    seqs = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-    return {"input_ids": pad(seqs, pad_id), "attention_mask": pad([[1] * len(s) for s in seqs], 0),
-            "margin": torch.tensor([e["margin"] for e in examples], dtype=torch.float)}
-
-
-# ---------------------------------------------------------------------------------------------
-# ---- the reward model and its loss ----
-# ---------------------------------------------------------------------------------------------
-
-
-def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """r(x, y) of each sequence: the head's score at its last real token (found from the mask)."""
-    scores = score_tokens(model, input_ids, attention_mask)
-    return scores[torch.arange(scores.shape[0], device=scores.device), last_token_index(attention_mask)].float()
-
-
-def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: Optional[torch.Tensor] = None,
-                center_rewards_coefficient: float = 0.0) -> torch.Tensor:
-    """Per-pair Bradley-Terry loss (Eq. 4): -log sigmoid(r_chosen - r_rejected - margin), plus the
-    optional centring penalty c * (r_chosen + r_rejected)^2 (Eisenstein et al. 2023, as in TRL)."""
-    diff = chosen - rejected
-    if margin is not None:
-        diff = diff - margin
-    loss = -F.logsigmoid(diff)
-    if center_rewards_coefficient:
-        loss = loss + center_rewards_coefficient * (chosen + rejected) ** 2
-    return loss
-
-
-def load_reward_model(args, tokenizer):
-    """AutoModelForSequenceClassification with one output and dropout off. Returns (model, fresh_head):
-    fresh_head is True when the checkpoint had no `score` head (a causal LM, e.g. the SFT model)."""
-    config = AutoConfig.from_pretrained(args.model_name_or_path, num_labels=1,
-                                        trust_remote_code=args.trust_remote_code)
-    config.pad_token_id = tokenizer.pad_token_id
-    # Dropout off: zero every dropout probability in the config (attention dropout is often functional
-    # and reads it) and, below, every nn.Dropout module; the saved config then says 0.0 too.
-    for key, value in config.to_dict().items():
-        if "drop" in key and isinstance(value, float):
-            setattr(config, key, 0.0)
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        args.model_name_or_path, config=config, trust_remote_code=args.trust_remote_code, output_loading_info=True)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    if not isinstance(getattr(model, "score", None), torch.nn.Linear):
-        raise DataError(f"{type(model).__name__} has no linear `score` head (the reward-model contract reads it)")
-    return model, any(k.startswith("score.") for k in info["missing_keys"])
-
-
-def init_head(head: torch.nn.Linear):
-    """A fresh scalar head: weights N(0, 1/(d+1)), zero bias (Stiennon et al. 2020), so initial rewards
-    have about unit scale whatever the hidden size d."""
-    gather = contextlib.nullcontext()
-    from transformers.integrations import is_deepspeed_zero3_enabled
-    if is_deepspeed_zero3_enabled():  # the weights are sharded: gather, change on rank 0, re-shard
-        import deepspeed
-        gather = deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=0)
-    with gather:
-        torch.nn.init.normal_(head.weight, std=1 / math.sqrt(head.in_features + 1))
-        if head.bias is not None:
-            torch.nn.init.zeros_(head.bias)
-
-
-@torch.no_grad()
-def evaluate(accelerator, model, loader, center_rewards_coefficient: float = 0.0) -> dict:
-    """Accuracy and reward statistics over every pair of the loader (gather_for_metrics drops the
-    duplicates that even batches add on several processes)."""
-    model.eval()
-    rows = []
-    for batch in loader:
-        rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
-        n = len(batch["margin"])
-        rows.append(accelerator.gather_for_metrics(torch.stack([rewards[:n], rewards[n:], batch["margin"]], 1)))
-    model.train()
-    chosen, rejected, margin = torch.cat(rows).T
-    both = torch.cat([chosen, rejected])
-    return {"eval/loss": reward_loss(chosen, rejected, margin, center_rewards_coefficient).mean().item(),
-            "eval/accuracy": (chosen > rejected).float().mean().item(),
-            "eval/reward_chosen": chosen.mean().item(),
-            "eval/reward_rejected": rejected.mean().item(),
-            "eval/reward_mean": both.mean().item(),
-            "eval/reward_std": both.std().item()}
-
-
-def write_eval_results(metrics: dict, n_pairs: int, output_dir):
-    results = {**metrics, "num_pairs": n_pairs,
-               "reward_mean": metrics["eval/reward_mean"], "reward_std": metrics["eval/reward_std"]}
-    (Path(output_dir) / "eval_results.json").write_text(json.dumps(results, indent=2))
-
-
-# ---------------------------------------------------------------------------------------------
-# ---- main ----
-# ---------------------------------------------------------------------------------------------
-
-
-def main(args: Args):
-    # ---- validate arguments and data before any model is loaded ----
-    if min(args.per_device_train_batch_size, args.per_device_eval_batch_size, args.gradient_accumulation_steps) < 1:
-        raise DataError("batch sizes and gradient_accumulation_steps must be >= 1")
-    accelerator = Accelerator(
-        mixed_precision="bf16" if args.bf16 else None,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_dir=args.output_dir,
-    )
-    set_seed(args.seed)
-    tokenizer = load_tokenizer(args)
-
-    def pairs(split: str, name: str) -> list:
-        ds = to_reward_pairs(load_split(args.dataset_name, args.dataset_config, split), args.filter)
-        return tokenize_pairs(ds, tokenizer, args.max_length, args.max_prompt_length, name)
-
-    if args.eval_only:
-        if args.eval_split is None:
-            print(f"--eval_only without --eval_split: scoring split '{args.train_split}'")
-        train, evals = [], pairs(args.eval_split or args.train_split, "eval")
-    else:
-        train = pairs(args.train_split, "train")
-        evals = pairs(args.eval_split, "eval") if args.eval_split else []
-    resume_from = None if args.eval_only else find_checkpoint(args.output_dir, args.resume_from_checkpoint)
-
-    # ---- model ----
-    model, fresh_head = load_reward_model(args, tokenizer)
-    if fresh_head:
-        if args.eval_only:
-            raise DataError(f"--eval_only needs a reward model; {args.model_name_or_path} has no trained `score` head")
-        init_head(model.score)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-    collate = lambda examples: collate_pairs(examples, tokenizer.pad_token_id)  # noqa: E731
-    # The eval loader also yields the reward statistics; with no eval split they come from the train pairs.
-    eval_loader = torch.utils.data.DataLoader(evals or train, batch_size=args.per_device_eval_batch_size,
-                                              collate_fn=collate)
-    if accelerator.is_main_process:
-        write_args(args, args.output_dir)
-    accelerator.init_trackers("reward_model", config=asdict(args))
-    log = MetricsLog(accelerator, args.output_dir)
-
-    if args.eval_only:
-        model, eval_loader = accelerator.prepare(model, eval_loader)
-        metrics = evaluate(accelerator, model, eval_loader, args.center_rewards_coefficient)
-        log.log(metrics, 0)
-        if accelerator.is_main_process:
-            write_eval_results(metrics, len(evals), args.output_dir)
-        accelerator.print(json.dumps(metrics))
-        accelerator.end_training()
-        return
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    train_loader = torch.utils.data.DataLoader(train, batch_size=args.per_device_train_batch_size, shuffle=True,
-                                               collate_fn=collate)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-
-    # ---- batch arithmetic: one optimizer step = per_device batch x processes x accumulation (in pairs) ----
-    ga = args.gradient_accumulation_steps
-    steps_per_epoch = len(train_loader) // ga  # an incomplete trailing accumulation group is skipped
-    if steps_per_epoch == 0:
-        raise DataError(f"{len(train)} training pairs make no full step of "
-                        f"{args.per_device_train_batch_size} x {accelerator.num_processes} x {ga}")
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    # Not prepared: accelerate would step it once per process; checkpointed all the same.
-    accelerator.register_for_checkpointing(scheduler)
-
-    step = 0
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        step = json.loads((resume_from / "step.json").read_text())["step"]
-        accelerator.print(f"resumed from {resume_from} at step {step}")
-
-    # ---- training loop ----
-    model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="reward_model")
-    window = torch.zeros(5, device=accelerator.device)  # loss sum, correct pairs, margin sum, pairs, tokens
-    window_start, last_eval = time.time(), None
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        train_loader.set_epoch(epoch)  # the same data order on every process and after a resume
-        skip = (step % steps_per_epoch) * ga
-        batches = iter(accelerator.skip_first_batches(train_loader, skip) if skip else train_loader)
-        for _ in range(steps_per_epoch - step % steps_per_epoch):
-            micro = list(islice(batches, ga))
-            # Average over the pairs of the whole global batch, so 1 process and N processes (and any
-            # accumulation) give the same gradient; DDP averages over processes, hence the factor.
-            n_pairs = accelerator.gather(torch.tensor([sum(len(b["margin"]) for b in micro)],
-                                                      device=accelerator.device)).sum()
-            for batch in micro:
-                with accelerator.accumulate(model):
-                    # Chosen and rejected in one forward pass: the first n rows are chosen, the next n rejected.
-                    rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
-                    n = len(batch["margin"])
-                    chosen, rejected = rewards[:n], rewards[n:]
-                    loss = reward_loss(chosen, rejected, batch["margin"], args.center_rewards_coefficient)
-                    accelerator.backward(loss.sum() * accelerator.num_processes * ga / n_pairs)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad()
-                window += accelerator.reduce(torch.stack([
-                    loss.sum(), (chosen > rejected).float().sum(), (chosen - rejected).sum(),
-                    torch.tensor(float(n), device=loss.device), batch["attention_mask"].sum().float()]).detach(), "sum")
-            step += 1
-            bar.update(1)
-
-            if step % args.logging_steps == 0 or step == total_steps:
-                loss_sum, correct, margin_sum, n_seen, tokens = window.tolist()
-                metrics = {"train/loss": loss_sum / n_seen, "train/accuracy": correct / n_seen,
-                           "train/margin": margin_sum / n_seen, "train/lr": scheduler.get_last_lr()[0],
-                           "train/tokens_per_second": tokens / max(time.time() - window_start, 1e-9),
-                           "epoch": step / steps_per_epoch}
-                log.log(metrics, step)
-                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/accuracy']:.2f}",
-                                tok_s=f"{metrics['train/tokens_per_second']:.0f}")
-                window.zero_()
-                window_start = time.time()
-            if evals and (step % args.eval_steps == 0 or step == total_steps):
-                last_eval = evaluate(accelerator, model, eval_loader, args.center_rewards_coefficient)
-                log.log(last_eval, step)
-            if args.save_steps > 0 and step % args.save_steps == 0 and step < total_steps:
-                save_checkpoint(accelerator, args.output_dir, step)
-            if step >= total_steps:
-                break
-    bar.close()
-
-    # ---- reward statistics (for later stages to normalize scores) and save ----
-    if last_eval is None:
-        accelerator.print("no eval split: reward_mean/reward_std are computed over the train responses")
-        last_eval = evaluate(accelerator, model, eval_loader, args.center_rewards_coefficient)
-    elif accelerator.is_main_process:
-        write_eval_results(last_eval, len(evals), args.output_dir)
-    config = accelerator.unwrap_model(model).config
-    config.reward_mean, config.reward_std = last_eval["eval/reward_mean"], last_eval["eval/reward_std"]
-    accelerator.print(f"reward_mean={config.reward_mean:.4f} reward_std={config.reward_std:.4f} (in config.json)")
-    save_model(accelerator, model, tokenizer, args.output_dir)
-    accelerator.end_training()
+def load_checkpoint(accelerator, path: Path) -> dict:
+    """Restore accelerate's state from a checkpoint and return our own state (step.json)."""
+    try:
+        state = json.loads((path / "step.json").read_text())
+        accelerator.load_state(str(path))
+    except Exception as e:  # a corrupt or truncated checkpoint: one line, nothing changed on disk
+        cause = " ".join(str(e).split())[:200]  # (accelerate's messages span several lines)
+        raise DataError(
+            f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {cause})"
+        ) from None
+    accelerator.print(f"resumed from {path} at step {state['step']}")
+    return state
 
 
 if __name__ == "__main__":
@@ -621,3 +1087,7 @@ if __name__ == "__main__":
         main(tyro.cli(Args))
     except DataError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(
+            "interrupted: continue from the last checkpoint with --resume_from_checkpoint latest"
+        )
