@@ -1,57 +1,225 @@
-"""examples/tiny_pipeline: the gold reward, and a --quick run of the whole pipeline (every stage connects)."""
+"""examples/tiny_pipeline: the task and its labellers, the study's directory rules (a quick run never
+touches the committed study; a stage whose settings changed is redone), and a --quick run of every stage."""
 
 import json
 import math
 import random
 import subprocess
 import sys
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from conftest import REPO, _env
 
-sys.path.insert(0, str(REPO / "examples" / "tiny_pipeline"))
-import run as pipeline  # noqa: E402
+HERE = REPO / "examples" / "tiny_pipeline"
+sys.path.insert(0, str(HERE))
+import run as pipeline
+import task
 
 
 def test_gold_reward_partial_credit():
-    assert pipeline.gold_reward("sort 3 1 2 =", " 1 2 3") == 1.0
-    assert pipeline.gold_reward("sort 3 1 2 =", " 1 3") == 0.0  # 1 hit, 1 missing digit: (1 - 1) / 3
-    assert pipeline.gold_reward("sort 3 1 2 =", " 1 2 3 3") == pytest.approx(2 / 3)  # 3 hits, 1 extra
-    assert pipeline.gold_reward("sort 3 1 2 =", " 3 2 1") == pytest.approx(1 / 3)  # only the middle is right
-    assert pipeline.gold_reward("sort 3 1 2 =", "") == -1.0
-    assert pipeline.gold_reward_fn(["sort 2 1 ="] * 2, [" 1 2", " 2 1"]) == [1.0, 0.0]
+    assert task.gold_reward("sort 3 1 2 =", " 1 2 3") == 1.0
+    assert task.gold_reward("sort 3 1 2 =", " 1 3") == 0.0  # 1 hit, 1 missing digit: (1 - 1) / 3
+    assert task.gold_reward("sort 3 1 2 =", " 1 2 3 3") == pytest.approx(2 / 3)  # 3 hits, 1 extra
+    assert task.gold_reward("sort 3 1 2 =", " 3 2 1") == pytest.approx(
+        1 / 3
+    )  # only the middle is right
+    assert task.gold_reward("sort 3 1 2 =", "") == -1.0
+    assert task.gold_reward_fn(["sort 2 1 ="] * 2, [" 1 2", " 2 1"], finished=[True, True]) == [
+        1.0,
+        0.0,
+    ]
 
 
-def test_preference_data_comes_from_a_noisy_behaviour_policy(tmp_path):
-    args = pipeline.Args(num_sft=50, num_pairs=400, num_eval_prompts=10)
-    pipeline.make_data(tmp_path, args, seed=0)
-    pairs = [json.loads(line) for line in open(tmp_path / "pairs.jsonl")]
-    assert len(pairs) >= 440 and all(p["chosen"] != p["rejected"] for p in pairs)
-    better = [pipeline.gold_reward(p["prompt"], p["chosen"]) > pipeline.gold_reward(p["prompt"], p["rejected"])
-              for p in pairs]
-    # Bradley-Terry labels: mostly right, not always (label noise)
-    assert 0.6 < sum(better) / len(better) < 0.98
-    answer = list("0123456789")
-    assert pipeline.corrupt(answer, random.Random(1)) != answer or pipeline.corrupt(answer, random.Random(2)) != answer
+def test_noisy_labeller_has_the_calibrated_pairwise_accuracy():
+    rng = random.Random(0)
+    prompts = [task.make_prompt(rng, 4, 8) for _ in range(400)]
+    pairs = [
+        (
+            q,
+            " " + " ".join(task.corrupt(task.target(q), rng)),
+            " " + " ".join(task.corrupt(task.target(q), rng)),
+        )
+        for q in prompts
+    ]
+    pairs = [(q, x, y) for q, x, y in pairs if task.gold_reward(q, x) != task.gold_reward(q, y)]
+    gaps = [abs(task.gold_reward(q, x) - task.gold_reward(q, y)) for q, x, y in pairs]
+    for accuracy in (0.95, 0.75):
+        temperature = task.calibrate_temperature(gaps, accuracy)
+        assert task.pairwise_accuracy(gaps, temperature) == pytest.approx(accuracy, abs=1e-3)
+        label = task.NoisyGold(temperature, seed=1)
+        right = []
+        for _ in range(20):  # fresh noise on every call: Bradley-Terry comparisons
+            sx = label([q for q, _, _ in pairs], [x for _, x, _ in pairs])
+            sy = label([q for q, _, _ in pairs], [y for _, _, y in pairs])
+            right += [
+                (a > b) == (task.gold_reward(q, x) > task.gold_reward(q, y))
+                for a, b, (q, x, y) in zip(sx, sy, pairs)
+            ]
+        assert sum(right) / len(right) == pytest.approx(accuracy, abs=0.02)
 
 
-def test_quick_pipeline_runs_every_stage(tmp_path):
-    work, results = tmp_path / "work", tmp_path / "results"
-    proc = subprocess.run([sys.executable, str(REPO / "examples/tiny_pipeline/run.py"), "--quick",
-                           "--output_dir", str(work), "--results_dir", str(results)],
-                          env=_env(), capture_output=True, text=True, timeout=600)
+def test_behaviour_policy_covers_wrong_lengths():
+    rng = random.Random(3)
+    lengths = {len(task.corrupt(list("0123456"), rng)) for _ in range(300)}
+    assert min(lengths) < 7 < max(lengths)
+
+
+def test_quick_never_writes_into_the_committed_study(tmp_path):
+    for flag in ("output_dir", "results_dir"):
+        with pytest.raises(pipeline.StudyError, match="--quick never writes into"):
+            pipeline.prepare_dirs(pipeline.Args(quick=True, **{flag: str(HERE / "x")}))
+    args = pipeline.Args(quick=True)
+    pipeline.prepare_dirs(args)  # default: a new temporary directory, results under it
+    try:
+        assert not Path(args.output_dir).is_relative_to(REPO)
+        assert Path(args.results_dir).is_relative_to(args.output_dir)
+    finally:
+        import shutil
+
+        shutil.rmtree(args.output_dir)
+
+
+def test_full_run_refuses_a_work_dir_of_a_quick_run(tmp_path):
+    quick = pipeline.Args(quick=True, output_dir=str(tmp_path / "work"))
+    pipeline.quick_sizes(quick)
+    pipeline.prepare_dirs(quick)
+    (tmp_path / "work" / "seed_1").mkdir()
+    with pytest.raises(pipeline.StudyError, match="holds a study with other settings .*max_digits"):
+        pipeline.prepare_dirs(pipeline.Args(output_dir=str(tmp_path / "work")))
+    assert (tmp_path / "work" / "seed_1").exists()  # nothing touched
+    pipeline.prepare_dirs(pipeline.Args(output_dir=str(tmp_path / "work"), restart=True))
+    assert not (tmp_path / "work" / "seed_1").exists()  # --restart discards the quick study
+    pipeline.prepare_dirs(
+        pipeline.Args(output_dir=str(tmp_path / "work"))
+    )  # same settings: resumes
+
+
+def test_a_stage_is_redone_when_its_settings_or_upstream_change(tmp_path, monkeypatch):
+    calls = []
+
+    @dataclass
+    class Args:
+        output_dir: str = ""
+        lr: float = 0.0
+        overwrite_output_dir: bool = False
+
+    def main(args):
+        if (Path(args.output_dir) / "args.json").exists() and not args.overwrite_output_dir:
+            raise SystemExit("error: already holds a run")  # what the real scripts do
+        calls.append(args)
+        (Path(args.output_dir) / "args.json").write_text("{}")
+
+    monkeypatch.setitem(sys.modules, "fake_stage", types.SimpleNamespace(Args=Args, main=main))
+    up, out = tmp_path / "up", tmp_path / "out"
+    pipeline.run_stage(up, "fake_stage", ["--lr", 1])
+    pipeline.run_stage(out, "fake_stage", ["--lr", 1], upstream=(up,))
+    pipeline.run_stage(out, "fake_stage", ["--lr", 1], upstream=(up,))
+    assert len(calls) == 2  # the same settings: reused
+    pipeline.run_stage(out, "fake_stage", ["--lr", 2], upstream=(up,))
+    assert len(calls) == 3 and calls[-1].lr == 2 and calls[-1].overwrite_output_dir
+    pipeline.run_stage(up, "fake_stage", ["--lr", 3])
+    pipeline.run_stage(out, "fake_stage", ["--lr", 2], upstream=(up,))
+    assert len(calls) == 5  # its upstream stage changed: redone
+    (out / "stage.json").unlink()  # killed before it finished: redone
+    pipeline.run_stage(out, "fake_stage", ["--lr", 2], upstream=(up,))
+    assert len(calls) == 6
+
+
+def test_paired_confidence_interval():
+    m, h = pipeline.mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and h == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert pipeline.verdict([0.1, 0.12, 0.11], "ppo", "dpo") == "PPO better"
+    assert pipeline.verdict([0.1, -0.1, 0.05], "ppo", "dpo") == "not resolved"
+
+
+def committed_files() -> dict:
+    return {
+        p: p.stat().st_mtime_ns
+        for p in HERE.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+
+
+def test_quick_runs_every_stage_into_a_temporary_directory():
+    before = committed_files()
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "run.py"), "--quick"],
+        check=False,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    seed_dir = work / "seed_1"
-    for stage in ["sft", "reward_model", "dpo", "dpo_iter", "ppo_baseline", "ppo_adv_norm", "ppo_large_batch", "ppo"]:
-        assert (seed_dir / stage / "config.json").exists(), stage
-    rm_config = json.loads((seed_dir / "reward_model" / "config.json").read_text())
-    assert len(rm_config["id2label"]) == 1 and "reward_std" in rm_config  # one scalar output
-    runs = json.loads((results / "results.json").read_text())
-    assert len(runs) == 1
-    for name in pipeline.POLICIES:
-        assert all(math.isfinite(v) for v in runs[0][name].values()), name
-    assert runs[0]["sft"]["kl"] == 0.0  # the SFT policy against itself
-    table = (results / "results.md").read_text()
-    for label in pipeline.LABELS.values():
-        assert f"| {label} |" in table
-    assert (results / "gold_vs_kl.png").stat().st_size > 1000
+    print(f"quick run: {time.time() - start:.0f} s")
+    results_md = Path(proc.stdout.strip().splitlines()[-1].split("done: ")[1])
+    work = results_md.parents[1]
+    try:
+        assert committed_files() == before  # nothing in examples/tiny_pipeline/ written or touched
+        assert not work.is_relative_to(REPO)
+        results = json.loads((results_md.parent / "results.json").read_text())
+        assert set(results) == {"seeds", "arms", "ablation"} and len(results["seeds"]) == 1
+        assert set(results["arms"]) == {"gold", "noisy_0.85", "reward_model"}
+        for arm, body in results["arms"].items():
+            assert (
+                set(body) == {"labeller_accuracy", "methods"}
+                and 0.5 < body["labeller_accuracy"] <= 1.0
+            )
+            assert set(body["methods"]) == {"sft", "dpo", "dpo_iter", "ppo"}
+            for method, metrics in body["methods"].items():
+                assert set(metrics) == {"gold_greedy", "gold_sampled", "kl_to_sft", "unfinished"}
+                assert all(len(v) == 1 and math.isfinite(v[0]) for v in metrics.values()), (
+                    arm,
+                    method,
+                )
+            assert body["methods"]["sft"]["kl_to_sft"] == [0.0]
+        assert set(results["ablation"]) == {"baseline", "adv_norm", "large_batch", "ref_ema"}
+        assert all(
+            set(v) == {"gold_sampled"} and len(v["gold_sampled"]) == 1
+            for v in results["ablation"].values()
+        )
+        table = results_md.read_text()
+        assert (
+            "| PPO - DPO-Iter |" in table
+            and "## Table 3 ablation" in table
+            and "PARTIAL" not in table
+        )
+        assert (results_md.parent / "gold_vs_accuracy.png").stat().st_size > 1000
+        # every stage ran through the real scripts, with the same missing-EOS penalty for PPO and DPO-Iter
+        seed = work / f"seed_{results['seeds'][0]}"
+        for stage in [
+            "sft",
+            "reward_model",
+            "runs/main/gold/dpo",
+            "runs/main/gold/ppo",
+            "runs/ablation/gold/ppo",
+        ]:
+            assert list((seed / stage).rglob("config.json")), stage
+        ppo_flags = json.loads(
+            next((seed / "runs/main/noisy_0.85/ppo").rglob("stage.json")).read_text()
+        )["argv"]
+        it_flags = json.loads(
+            next((seed / "runs/main/noisy_0.85/dpo_iter").rglob("stage.json")).read_text()
+        )["argv"]
+        for flags in (ppo_flags, it_flags):
+            assert flags[flags.index("--missing_eos_penalty") + 1] == "-1.0"
+        # a second run with the same settings reuses every cell
+        again = subprocess.run(
+            [sys.executable, str(HERE / "run.py"), "--quick", "--output_dir", str(work)],
+            check=False,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert json.loads((work / "results" / "results.json").read_text()) == results
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
