@@ -740,3 +740,17 @@ def test_non_finite_loss_stops_before_the_weights_change(
     assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
     assert not (out / "checkpoints" / "step_2").exists()
     assert all(torch.isfinite(w).all() for w in weights(out / "checkpoints" / "step_1").values())
+
+
+def test_gradient_checkpointing_changes_nothing_and_stats_without_eval_split(
+    tiny_model, synthetic_data, weights, tmp_path
+):
+    """The hook-based score_tokens under --gradient_checkpointing trains to the same weights; with no
+    eval split, eval_results.json still holds the reward statistics (over the train responses)."""
+    for gc in (False, True):
+        _run(model_name_or_path=tiny_model, dataset_name=synthetic_data, max_steps=2,
+             learning_rate=1e-3, gradient_checkpointing=gc, output_dir=str(tmp_path / str(gc)))  # fmt: skip
+    a, b = weights(tmp_path / "False"), weights(tmp_path / "True")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    results = json.loads((tmp_path / "True" / "eval_results.json").read_text())
+    assert results["split"] == "train" and results["num_pairs"] == 256 and results["reward_std"] > 0
