@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import assert_one_line_error, build_tokenizer, write_jsonl
+from conftest import build_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dpo
@@ -33,7 +33,8 @@ def test_dpo_loss_types_against_hand_computed_values():
     assert chosen.item() == pytest.approx(0.25) and rejected.item() == pytest.approx(-0.5)  # beta * (pi - ref)
     losses, _, _ = dpo.dpo_loss(*args, beta=beta, loss_type="ipo")
     assert losses.item() == pytest.approx((1.5 - 1 / (2 * beta)) ** 2)  # (h - 1/(2 beta))^2 = 0.25
-    losses, _, _ = dpo.dpo_loss(*args, beta=beta, loss_type="cdpo", label_smoothing=0.1)
+    # conservative DPO is the sigmoid loss with label smoothing (no separate loss type)
+    losses, _, _ = dpo.dpo_loss(*args, beta=beta, loss_type="sigmoid", label_smoothing=0.1)
     expected = 0.9 * math.log(1 + math.exp(-0.75)) + 0.1 * math.log(1 + math.exp(0.75))
     assert losses.item() == pytest.approx(expected, abs=1e-12)
     # policy = reference: zero margin, loss log 2, no preference either way
@@ -169,9 +170,9 @@ def test_reward_fn_loading_and_checks(tmp_path):
     (tmp_path / "r.py").write_text("def good(p, c):\n    return [len(x) for x in c]\n"
                                    "def short(p, c):\n    return [1.0]\n")
     fn = dpo.load_reward_fn(f"{tmp_path / 'r.py'}:good")
-    assert dpo.call_reward_fn(fn, ["a", "b"], ["xy", "z"]) == [2.0, 1.0]
+    assert dpo.call_reward_fn(fn, ["a", "b"], ["xy", "z"], [True, False]) == [2.0, 1.0]
     with pytest.raises(dpo.DataError, match="returned 1 scores for 2 completions"):
-        dpo.call_reward_fn(dpo.load_reward_fn(f"{tmp_path / 'r.py'}:short"), ["a", "b"], ["x", "y"])
+        dpo.call_reward_fn(dpo.load_reward_fn(f"{tmp_path / 'r.py'}:short"), ["a", "b"], ["x", "y"], [True, True])
     for spec, needle in [(f"{tmp_path / 'r.py'}:missing", "no function 'missing'"),
                          (f"{tmp_path / 'nope.py'}:good", "no such file"), ("r.py", "expected 'path/to/file.py:function'")]:
         with pytest.raises(dpo.DataError, match=re.escape(needle)):
@@ -179,15 +180,15 @@ def test_reward_fn_loading_and_checks(tmp_path):
 
 
 def test_argument_validation():
-    bad = [({"loss_type": "cdpo"}, "label_smoothing > 0"), ({"loss_type": "ipo", "label_smoothing": 0.1}, "not to ipo"),
+    bad = [({"loss_type": "ipo", "label_smoothing": 0.1}, "not to ipo"),
            ({"beta": 0.0}, "beta"), ({"iterations": 2}, "needs --reward_model_name_or_path or --reward_fn"),
            ({"reward_fn": "a.py:f", "reward_model_name_or_path": "rm"}, "not both"),
            ({"reward_fn": "a.py:f", "samples_per_prompt": 1}, "samples_per_prompt >= 2"),
            ({"eval_only": True}, "needs --eval_split")]
     for kwargs, needle in bad:
         with pytest.raises(dpo.DataError, match=re.escape(needle)):
-            dpo.validate(dpo.Args(**kwargs))
-    assert dpo.validate(dpo.Args(reward_fn="a.py:f", iterations=3)) is True
+            dpo.check_args(dpo.Args(**kwargs))
+    assert dpo.check_args(dpo.Args(reward_fn="a.py:f", iterations=3)) is True
 
 
 # ---- end to end ----
@@ -195,7 +196,7 @@ def test_argument_validation():
 
 @pytest.mark.parametrize("model,shape,extra", [
     ("gpt2", "preference_messages", ["--loss_type", "ipo"]),
-    ("llama_nopad", "hh", ["--loss_type", "cdpo", "--label_smoothing", 0.1]),
+    ("llama_nopad", "hh", ["--loss_type", "sigmoid", "--label_smoothing", 0.1]),
 ])
 def test_end_to_end(model, shape, extra, tiny_models, data_files, run_script, metrics, tmp_path):
     out = tmp_path / "out"
@@ -235,28 +236,58 @@ def test_eval_only_writes_eval_metrics_without_training(tiny_models, data_files,
     assert json.loads(proc.stdout.strip().splitlines()[-1])["eval/loss"] == pytest.approx(rows[0]["eval/loss"])
 
 
-# ---- bad input: one clear line, non-zero exit ----
+# ---- issue 11: ChatML EOS, dropout, identical pairs, missing-EOS penalty ----
 
 
-def test_bad_input_errors(tiny_model, data_files, run_script, tmp_path):
-    # the model directory does not exist: bad input must fail before any model is loaded
-    base = ["--model_name_or_path", tmp_path / "no_model_here", "--tokenizer_name_or_path", tiny_model,
-            "--max_steps", 1, "--output_dir", tmp_path / "o"]
-    wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"prompt": "hi", "chosen": "a"}])
-    assert_one_line_error(run_script("dpo.py", *base, "--dataset_name", wrong, check=False),
-                          "['chosen', 'prompt']", "prompt+chosen+rejected")
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    assert_one_line_error(run_script("dpo.py", *base, "--dataset_name", empty, check=False), "empty")
-    assert_one_line_error(run_script("dpo.py", *base, "--dataset_name", data_files["prompts"], "--iterations", 2,
-                                     "--reward_fn", tmp_path / "nowhere.py:score", check=False),
-                          "--reward_fn", "no such file")
-    assert not (tmp_path / "o").exists()
+def test_chatml_completions_end_in_exactly_one_eos(chatml_model):
+    """Qwen-style ChatML ('<|im_end|>' is the EOS and is followed by '\\n'): training responses end in one
+    '<|im_end|>', where generation stops, not '<|im_end|>\\n<|im_end|>'; the same in the re-tokenization
+    path for a reward model with another vocabulary (D10): an unfinished response gets no end of turn."""
+    tok = AutoTokenizer.from_pretrained(chatml_model)
+    ds = dpo.Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}],
+                                 "chosen": [{"role": "assistant", "content": "hello there"}],
+                                 "rejected": [{"role": "assistant", "content": "no"}]}])
+    (pair,) = dpo.tokenize_preference(ds, tok, 128, None, "chatml")
+    for side in ("chosen", "rejected"):
+        ids = pair[f"{side}_input_ids"][pair[f"{side}_mask"].index(1):]
+        assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1, tok.convert_ids_to_tokens(ids)
+    plain = build_tokenizer(pad=True)  # the policy's vocabulary differs from the ChatML reward model's
+    chat = [{"role": "user", "content": "hi"}]
+    response = plain("hello", add_special_tokens=False).input_ids
+    finished = dpo.reward_model_inputs(plain, tok, chat, [], response + [plain.eos_token_id], True)
+    assert finished[-1] == tok.eos_token_id and finished.count(tok.eos_token_id) == 2  # the prompt's turn + ours
+    assert tok.decode(finished).endswith("<|im_start|>assistant\nhello<|im_end|>")
+    unfinished = dpo.reward_model_inputs(plain, tok, chat, [], response, False)
+    assert tok.decode(unfinished).endswith("<|im_start|>assistant\nhello")
 
 
-def test_reward_fn_with_wrong_number_of_scores(tiny_model, data_files, run_script, tmp_path):
-    (tmp_path / "r.py").write_text("def score(prompts, completions):\n    return [0.0] * (len(completions) + 1)\n")
-    proc = run_script("dpo.py", "--model_name_or_path", tiny_model, "--dataset_name", data_files["prompts"],
-                      "--reward_fn", f"{tmp_path / 'r.py'}:score", "--samples_per_prompt", 2, "--max_new_tokens", 2,
-                      "--output_dir", tmp_path / "o", check=False)
-    assert_one_line_error(proc, "--reward_fn returned 17 scores for 16 completions")
+def test_dropout_is_off_including_attention_dropout_from_the_config(dropout_model):
+    model = dpo.load_policy(dpo.Args(), dropout_model).train()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    torch.manual_seed(0)
+    first = model(ids).logits
+    second = model(ids).logits
+    assert torch.equal(first, second)
+
+
+def test_identical_pairs_are_dropped_and_counted(tok, capsys):
+    ds = dpo.Dataset.from_list([{"prompt": "Q: a", "chosen": " x", "rejected": " x"},
+                                {"prompt": "Q: b", "chosen": " y", "rejected": " z"}])
+    assert len(dpo.tokenize_preference(ds, tok, 64, None, "train")) == 1
+    assert "1 dropped (chosen identical to rejected)" in capsys.readouterr().out
+
+
+def test_missing_eos_penalty_applies_to_reward_functions_that_see_finished(tok):
+    seen = {}
+
+    def score(prompts, completions, finished):
+        seen["finished"] = finished
+        return [10.0] * len(completions)
+
+    samples = [([5, 6, tok.eos_token_id], True), ([5, 6, 7], False)]
+    prompts = [{"prompt": "Q:", "prompt_ids": [1]}] * 2
+    args = dpo.Args(missing_eos_penalty=-1.0)
+    assert dpo.score_samples(None, args, tok, score, None, None, prompts, samples) == [10.0, -1.0]
+    assert seen["finished"] == [True, False]
+    args = dpo.Args()  # None: no penalty
+    assert dpo.score_samples(None, args, tok, score, None, None, prompts, samples) == [10.0, 10.0]

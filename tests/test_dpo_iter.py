@@ -8,23 +8,24 @@ import torch
 from conftest import build_config, build_tokenizer
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-import dpo
-
-
-def sha(path):
-    return dpo.weights_sha256(AutoModelForCausalLM.from_pretrained(path))
-
 
 def iteration_rows(rows):
     return [r for r in rows if "iteration" in r]
 
 
-def check_reference_chain(out, initial):
-    """Iteration 1's reference is the initial policy; iteration 2's is iteration 1's saved policy."""
+def check_reference_chain(out, initial, rows):
+    """Iteration 1's reference is the initial policy; iteration 2's is iteration 1's saved policy. Seen
+    in the outputs: each iteration's first evaluation (step 0 of that iteration, on its own sampled eval
+    pairs) has every margin exactly 0, which holds only when the reference IS the policy being trained;
+    and the last evaluation of iteration 1 is not 0 (it trained), so iteration 2 did not reuse the initial
+    policy as its reference."""
     info = [json.loads((out / f"iter_{k}" / "iteration.json").read_text()) for k in (1, 2)]
-    assert info[0]["reference_sha256"] == sha(initial)
-    assert info[1]["reference_sha256"] == sha(out / "iter_1")
-    assert info[1]["reference_sha256"] != info[0]["reference_sha256"]  # iteration 1 did change the policy
+    assert info[0]["reference"] == str(initial) and info[1]["reference"] == str(out / "iter_1")
+    firsts = [rows[i + 1] for i, r in enumerate(rows) if "iteration" in r]  # the eval right after each label
+    assert [("eval/rewards/margins" in r, r["step"]) for r in firsts] == [(True, 0), (True, 2)]
+    assert all(r["eval/rewards/margins"] == 0.0 and r["eval/rewards/chosen"] == 0.0 for r in firsts)
+    last_of_first = [r for r in rows if "eval/rewards/margins" in r and r["step"] == 2][0]
+    assert last_of_first["eval/rewards/margins"] != 0.0
     return info
 
 
@@ -46,8 +47,9 @@ def test_dpo_iter_with_reward_function(tiny_model, data_files, run_script, metri
         assert r["iteration/ties_skipped"] >= 2 and r["iteration/pairs"] + r["iteration/ties_skipped"] == 8
     assert "skipped (all samples tied)" in proc.stdout
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
-    check_reference_chain(out, tiny_model)
+    info = check_reference_chain(out, tiny_model, rows)
     for k in (1, 2):
+        assert 0 <= info[k - 1]["unfinished"] <= 1 and info[k - 1]["unfinished"] == iters[k - 1]["iteration/unfinished"]
         pairs = [json.loads(line) for line in (out / f"iter_{k}" / "pairs.jsonl").read_text().splitlines()]
         assert len(pairs) == iters[k - 1]["iteration/pairs"]
         for p in pairs:  # best vs worst under this reward
@@ -80,15 +82,15 @@ def test_dpo_iter_with_reward_model_of_another_tokenizer(tiny_model, data_files,
     rm_tok.save_pretrained(tmp_path / "rm")
     out = tmp_path / "out"
     proc = run_script("dpo.py", "--model_name_or_path", tiny_model, "--dataset_name", data_files["preference_messages"],
-                      "--iterations", 2, "--reward_model_name_or_path", tmp_path / "rm", "--samples_per_prompt", 2,
+                      "--eval_split", "train[:4]", "--iterations", 2, "--reward_model_name_or_path", tmp_path / "rm", "--samples_per_prompt", 2,
                       "--max_new_tokens", 6, "--max_steps", 2, "--per_device_train_batch_size", 2,
                       "--learning_rate", 1e-3, "--warmup_ratio", 0, "--precompute_ref_logps", "--output_dir", out)
-    iters = iteration_rows(metrics(out))
+    rows = metrics(out)
+    iters = iteration_rows(rows)
     assert [r["iteration"] for r in iters] == [1, 2]
     assert all(r["iteration/pairs"] == 8 and r["iteration/ties_skipped"] == 0 for r in iters)  # float scores: no ties
     assert all(abs(r["objective/scores"]) > 0 for r in iters)
-    # precomputed: during training the process holds the policy and the reward model, no reference
-    assert [line for line in proc.stdout.splitlines() if line.startswith("models held")] == \
-        ["models held during training: 2"] * 2
-    check_reference_chain(out, tiny_model)
-    assert AutoModelForCausalLM.from_pretrained(out / "iter_2") is not None
+    assert "iteration 2 train: 8 pairs" in proc.stdout
+    check_reference_chain(out, tiny_model, rows)  # precomputed reference log-probs, the same chain
+    final, iter2 = AutoModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out / "iter_2")
+    assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), iter2.state_dict().values()))
