@@ -234,9 +234,7 @@ def to_reward_pairs(ds: Dataset, filter: str = "none") -> Dataset:
             f"--filter {filter} needs SafeRLHF-style data (is_response_*_safe columns); "
             f"found columns {sorted(cols)}"
         )
-    if (
-        "margin" in cols and "response_0" in cols
-    ):  # which response wins is decided here, not in the data
+    if "margin" in cols and "response_0" in cols:  # the winner is derived here, not given
         raise DataError(
             "column 'margin' works with prompt+chosen+rejected or HH-RLHF data, not SafeRLHF-style "
             "data (response_0/response_1), whose chosen side is derived from the safety labels"
@@ -266,18 +264,11 @@ def tokenize_pairs(
                 f"row {i}: chosen and rejected as messages need the prompt as messages too"
             )
         prompt_ids = encode_prompt(tokenizer, row["prompt"])
-        chosen = truncate(
-            prompt_ids,
-            encode_completion(tokenizer, row["prompt"], row["chosen"]),
-            max_length,
-            max_prompt_length,
-        )
-        rejected = truncate(
-            prompt_ids,
-            encode_completion(tokenizer, row["prompt"], row["rejected"]),
-            max_length,
-            max_prompt_length,
-        )
+        chosen, rejected = (
+            truncate(prompt_ids, encode_completion(tokenizer, row["prompt"], row[side]), max_length,
+                     max_prompt_length)
+            for side in ("chosen", "rejected")
+        )  # fmt: skip
         if chosen is None or rejected is None:
             n_dropped += 1
             continue
@@ -350,10 +341,9 @@ def evaluate_rewards(accelerator, model, loader, center_rewards_coefficient: flo
     model.train()
     chosen, rejected, margin = torch.cat(rows).T
     both = torch.cat([chosen, rejected])
+    loss = reward_loss(chosen, rejected, margin, center_rewards_coefficient)
     return {
-        "eval/loss": reward_loss(chosen, rejected, margin, center_rewards_coefficient)
-        .mean()
-        .item(),
+        "eval/loss": loss.mean().item(),
         "eval/accuracy": (chosen > rejected).float().mean().item(),
         "eval/reward_chosen": chosen.mean().item(),
         "eval/reward_rejected": rejected.mean().item(),
@@ -363,6 +353,7 @@ def evaluate_rewards(accelerator, model, loader, center_rewards_coefficient: flo
 
 
 def write_eval_results(metrics: dict, n_pairs: int, split: str, output_dir):
+    """eval_results.json: the final eval metrics and the reward statistics later stages normalize by."""
     results = {
         **metrics,
         "num_pairs": n_pairs,
@@ -419,6 +410,7 @@ def main(args: Args):
         for name, ds in raw.items()
     }
     train, evals = pairs.get("train", []), pairs.get("eval", [])
+    split = args.eval_split or args.train_split  # where the reward statistics come from
     if args.eval_only and args.eval_split is None:
         print(f"--eval_only without --eval_split: scoring split '{args.train_split}'")
     collate = lambda examples: collate_pairs(examples, tokenizer.pad_token_id)
@@ -461,14 +453,7 @@ def main(args: Args):
             "eval/reward",
             0,
         )
-        on_main(
-            accelerator,
-            write_eval_results,
-            metrics,
-            len(evals),
-            args.eval_split or args.train_split,
-            args.output_dir,
-        )
+        on_main(accelerator, write_eval_results, metrics, len(evals), split, args.output_dir)
         accelerator.print(json.dumps(metrics))
         accelerator.end_training()
         return
@@ -477,13 +462,10 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
     )
-    plugin = (
-        accelerator.state.deepspeed_plugin
-    )  # DeepSpeed clips inside its step, at its config's norm
+    # DeepSpeed clips inside its own step, at its config's norm ('auto' would be accelerate's 1.0)
+    plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
-        plugin.deepspeed_config["gradient_clipping"] = (
-            args.max_grad_norm
-        )  # (accelerate's auto: 1.0)
+        plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
     model, optimizer, train_loader, eval_loader = accelerator.prepare(
         model, optimizer, train_loader, eval_loader
     )
@@ -492,18 +474,13 @@ def main(args: Args):
             f"the DeepSpeed config sets gradient_accumulation_steps={accelerator.gradient_accumulation_steps}, "
             f"the script {ga}: set them equal (or 'auto' in the config)"
         )
-    steps_per_epoch = (
-        len(train_loader) // ga
-    )  # an incomplete trailing accumulation group is skipped
+    # an incomplete trailing accumulation group is skipped: every step sees ga micro-batches
+    steps_per_epoch = len(train_loader) // ga
     total_steps = (
         args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     )
-    scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer,
-        num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )  # not prepared: accelerate would step it per process
+    warmup = math.ceil(args.warmup_ratio * total_steps)  # (not prepared: it would step per process)
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, warmup, total_steps)
     step = 0
     if resume_from is not None:  # accelerate's state, plus our own (step, scheduler) from step.json
         state = load_checkpoint(accelerator, resume_from)
@@ -520,14 +497,11 @@ def main(args: Args):
         disable=not accelerator.is_main_process,
         desc="reward_model",
     )
-    window = torch.zeros(
-        5, device=accelerator.device
-    )  # loss sum, correct pairs, margin sum, pairs, tokens
+    window = torch.zeros(5, device=accelerator.device)  # loss, correct, margin sums; pairs, tokens
     window_start, last_eval = time.time(), None
     while step < total_steps:
-        train_loader.set_epoch(
-            step // steps_per_epoch
-        )  # the same data order on every process and after a resume
+        # the same data order on every process and after a resume
+        train_loader.set_epoch(step // steps_per_epoch)
         skip = (step % steps_per_epoch) * ga
         batches = iter(accelerator.skip_first_batches(train_loader, skip) if skip else train_loader)
         for _ in range(steps_per_epoch - step % steps_per_epoch):
@@ -540,9 +514,8 @@ def main(args: Args):
             local = torch.zeros(5, device=accelerator.device)  # this process's share of the window
             for i, batch in enumerate(micro):
                 with accelerator.accumulate(model):
-                    with (
-                        accelerator.autocast()
-                    ):  # chosen and rejected in one forward: first n rows chosen
+                    # chosen and rejected in one forward pass: the first n rows are chosen
+                    with accelerator.autocast():
                         rewards = sequence_rewards(
                             model, batch["input_ids"], batch["attention_mask"]
                         )
@@ -560,9 +533,8 @@ def main(args: Args):
                             batch["attention_mask"].sum().float(),
                         ]
                     ).detach()
-                    if (
-                        i == ga - 1
-                    ):  # before the backward that steps (DeepSpeed steps inside backward)
+                    # before the backward that steps (DeepSpeed steps inside backward)
+                    if i == ga - 1:
                         step_sums = accelerator.reduce(local, "sum")  # one sync per optimizer step
                         check_finite(step_sums[0], "train/loss", step + 1)
                     accelerator.backward(loss.sum() * accelerator.num_processes * ga / n_pairs)
@@ -615,27 +587,12 @@ def main(args: Args):
         last_eval = evaluate_rewards(
             accelerator, model, eval_loader, args.center_rewards_coefficient
         )
-    check_finite(
-        torch.tensor([last_eval["eval/reward_mean"], last_eval["eval/reward_std"]]),
-        "eval/reward",
-        step,
-    )
-    on_main(
-        accelerator,
-        write_eval_results,
-        last_eval,
-        len(evals or train),
-        args.eval_split or args.train_split,
-        args.output_dir,
-    )
+    stats = torch.tensor([last_eval["eval/reward_mean"], last_eval["eval/reward_std"]])
+    check_finite(stats, "eval/reward", step)  # never a NaN reward_mean/std in the saved config
+    on_main(accelerator, write_eval_results, last_eval, len(evals or train), split, args.output_dir)
     config = accelerator.unwrap_model(model).config
-    config.reward_mean, config.reward_std = (
-        last_eval["eval/reward_mean"],
-        last_eval["eval/reward_std"],
-    )
-    accelerator.print(
-        f"reward_mean={config.reward_mean:.4f} reward_std={config.reward_std:.4f} (in config.json)"
-    )
+    config.reward_mean, config.reward_std = stats.tolist()
+    accelerator.print(f"reward_mean={config.reward_mean:.4f} reward_std={config.reward_std:.4f}")
     save_model(accelerator, model, tokenizer, args.output_dir)
     accelerator.end_training()
 
