@@ -210,7 +210,15 @@ def test_quick_runs_every_stage_into_a_temporary_directory():
             assert flags[flags.index("--missing_eos_penalty") + 1] == "-1.0"
         # a second run with the same settings reuses every cell
         again = subprocess.run(
-            [sys.executable, str(HERE / "run.py"), "--quick", "--output_dir", str(work)],
+            [
+                sys.executable,
+                str(HERE / "run.py"),
+                "--quick",
+                "--output_dir",
+                str(work),
+                "--jobs",
+                "1",
+            ],
             check=False,
             env=_env(),
             capture_output=True,

@@ -113,7 +113,7 @@ class Args:
     hidden_size: int = 64
     num_layers: int = 2
     num_sft: int = 4000
-    sft_steps: int = 150
+    sft_steps: int = 250
     sft_learning_rate: float = 2e-3
     # ---- reward model ----
     rm_sizes: list[int] = field(default_factory=lambda: [2000, 5000, 10000, 20000])
@@ -121,7 +121,7 @@ class Args:
     rm_heldout: int = 1000
     bt_temperature: float = 0.1
     """the 'human' labels of the reward model's data: P(a preferred) = sigmoid((gold(a) - gold(b)) / T)"""
-    rm_epochs: float = 2.0
+    rm_epochs: float = 3.0
     rm_learning_rate: float = 1e-3
     # ---- the preference stages ----
     rl_prompts: int = 256
@@ -137,11 +137,15 @@ class Args:
     """score of an unfinished sample under the gold and noisy labellers (the empty answer's gold);
     under the reward model: its mean - 2 std on SFT samples"""
     dpo_grid: list[str] = field(
-        default_factory=lambda: ["3e-5,0.1", "3e-5,0.3", "1e-4,0.1", "1e-4,0.3"]
+        default_factory=lambda: [
+            f"{lr},{beta}" for lr in ("3e-5", "1e-4", "3e-4") for beta in (0.1, 0.3)
+        ]
     )
     """'learning_rate,beta' settings swept for DPO and DPO-Iter"""
     ppo_grid: list[str] = field(
-        default_factory=lambda: ["3e-5,0.02", "3e-5,0.1", "1e-4,0.02", "1e-4,0.1"]
+        default_factory=lambda: [
+            f"{lr},{kl}" for lr in ("3e-5", "1e-4", "3e-4") for kl in (0.02, 0.1)
+        ]
     )
     """'learning_rate,kl_coef' settings swept for PPO"""
     num_val: int = 200
@@ -515,16 +519,18 @@ def prepare_seed(a: Args, seed: int) -> dict:
         sample=True,
     )
     rows = []
-    for i, q in enumerate(rm_prompts):
-        if i < n // 2 and text(tok, sft_samples[2 * i][0]) != text(tok, sft_samples[2 * i + 1][0]):
-            x, y = text(tok, sft_samples[2 * i][0]), text(tok, sft_samples[2 * i + 1][0])
-        else:
+    for i, q in enumerate(rm_prompts):  # every pair distinct, so train and held-out never overlap
+        x, y = (
+            (text(tok, sft_samples[2 * i + j][0]) or " " for j in range(2))
+            if i < n // 2
+            else (" ", " ")
+        )
+        while x == y:  # identical SFT samples, or the off-policy half: corruptions of the answer
             x, y = (" " + " ".join(task.corrupt(task.target(q), rng)) for _ in range(2))
         gx, gy = task.gold_reward(q, x), task.gold_reward(q, y)
         x_wins = rng.random() < 1 / (1 + math.exp(-max(min((gx - gy) / a.bt_temperature, 50), -50)))
         win, lose = (x, y) if x_wins else (y, x)
-        rows.append({"prompt": q, "chosen": win or " ", "rejected": lose or " "})
-    rows = [r for r in rows if r["chosen"] != r["rejected"]]
+        rows.append({"prompt": q, "chosen": win, "rejected": lose})
     write_jsonl(d / "rm_pairs.jsonl", rows)
     info = {
         "seed": seed,
@@ -697,7 +703,8 @@ def train(
     upstream = (sft,) + ((d / "reward_model",) if arm == "reward_model" else ())
     common = ["--seed", seed, "--save_steps", 0, "--logging_steps", 10]
     if method == "dpo":
-        pairs = d / "labelled" / f"offline_{arm}.jsonl"
+        tag = fingerprint([json.loads((Path(u) / "stage.json").read_text()) for u in upstream])
+        pairs = d / "labelled" / f"offline_{arm}_{tag}.jsonl"  # relabelled if the labeller changes
         if not pairs.exists():
             raw = read_jsonl(d / "offline_pairs.jsonl")
             s = score([r["prompt"] for r in raw] * 2, [r["a"] for r in raw] + [r["b"] for r in raw])
