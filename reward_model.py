@@ -292,7 +292,7 @@ def tokenize_pairs(
     return examples
 
 
-def collate_pairs(examples: list, pad_id: int) -> dict:
+def collate_reward_pairs(examples: list, pad_id: int) -> dict:
     """One right-padded batch of 2B sequences, the B chosen then the B rejected, for one forward pass."""
     seqs = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
     return {
@@ -413,7 +413,7 @@ def main(args: Args):
     split = args.eval_split or args.train_split  # where the reward statistics come from
     if args.eval_only and args.eval_split is None:
         print(f"--eval_only without --eval_split: scoring split '{args.train_split}'")
-    collate = lambda examples: collate_pairs(examples, tokenizer.pad_token_id)
+    collate = lambda examples: collate_reward_pairs(examples, tokenizer.pad_token_id)
     # The eval loader also yields the reward statistics; with no eval split they come from the train pairs.
     eval_loader = torch.utils.data.DataLoader(
         evals or train, batch_size=args.per_device_eval_batch_size, collate_fn=collate

@@ -169,7 +169,7 @@ def test_margin_column_and_collate(tmp_path, tiny_model):
     ex = rm.tokenize_pairs(
         rm.to_reward_pairs(rm.load_split(path, None, "train")), tok, 512, None, "m"
     )
-    batch = rm.collate_pairs(ex, tok.pad_token_id)
+    batch = rm.collate_reward_pairs(ex, tok.pad_token_id)
     assert batch["margin"].tolist() == [2.0, 0.5]
     assert batch["input_ids"].shape[0] == 4  # chosen, chosen, rejected, rejected in one batch
     assert batch["input_ids"][0].tolist()[: len(ex[0]["chosen_ids"])] == ex[0]["chosen_ids"]
@@ -335,7 +335,7 @@ def test_learns_synthetic_preference(trained, metrics, tiny_model, synthetic_dat
     ex = rm.tokenize_pairs(
         rm.to_reward_pairs(rm.load_split(synthetic_data, None, "test")), tok, 512, None, "test"
     )
-    batch = rm.collate_pairs(ex, tok.pad_token_id)
+    batch = rm.collate_reward_pairs(ex, tok.pad_token_id)
     with torch.no_grad():
         r = rm.sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
     baseline = (r[: len(ex)] > r[len(ex) :]).float().mean().item()
@@ -579,7 +579,7 @@ def test_deepspeed_zero(
     ex = rm.tokenize_pairs(
         rm.to_reward_pairs(rm.load_split(str(data), None, "test")), tok, 512, None, "test"
     )
-    batch = rm.collate_pairs(ex, tok.pad_token_id)
+    batch = rm.collate_reward_pairs(ex, tok.pad_token_id)
     with torch.no_grad():
         r = rm.sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
     final = [m for m in metrics(out) if "eval/accuracy" in m][-1]
