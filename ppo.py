@@ -12,20 +12,20 @@ The three factors Xu et al. found decisive (Sec. 5, Table 3) are on by default a
   large batch               512 rollouts per iteration in 4 minibatches (the batch-size arguments)
   reference-model EMA       --ref_ema 0.01 (0 turns it off)
 
-    python ppo.py --model_name_or_path SFT_DIR --reward_model_name_or_path RM_DIR --dataset_name PROMPTS
-    accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml ppo.py ...
+    python ppo.py --model_name_or_path SFT_DIR --reward_model_name_or_path RM_DIR --dataset_name prompts.jsonl
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml ppo.py ...
 
-One iteration = rollout (generate, score, log-probs, values, rewards, GAE) then `ppo_epochs` passes of
+One iteration = rollout (generate, score, log-probs, values, rewards, GAE), then `ppo_epochs` passes of
 clipped-PPO updates over the rollout batch in `num_minibatches` minibatches, then the reference EMA.
-
-Self-contained on purpose: the small helpers below are repeated, byte-identical, in every script.
+Self-contained on purpose: the helpers fenced at the bottom are repeated, byte-identical, in every
+script that uses them.
 """
 
 import contextlib
 import importlib.util
+import inspect
 import json
 import math
-import os
 import resource
 import shutil
 import sys
@@ -37,27 +37,47 @@ from typing import Literal, Optional
 import torch
 import tyro
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    broadcast_object_list,
+    set_seed,
+)
 from datasets import Dataset, load_dataset
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig,
-                          get_scheduler)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+    get_scheduler,
+)
 
 
 @dataclass
 class Args:
+    """PPO (RLHF): train an SFT policy against a reward model or a reward function, with the key
+    factors of Xu et al. 2024 (advantage whitening, large batch, reference EMA).
+
+    Offline example: python ppo.py --model_name_or_path outputs/sft --reward_model_name_or_path
+    outputs/reward_model --dataset_name prompts.jsonl --output_dir outputs/ppo
+    """
+
     # ---- models ----
     model_name_or_path: str = "EleutherAI/pythia-160m"
     """the SFT policy to start from (hub id or local directory); the reference policy is a frozen copy"""
-    tokenizer_name_or_path: Optional[str] = None
+    tokenizer_name_or_path: str | None = None
     """tokenizer of the policy (defaults to model_name_or_path)"""
-    reward_model_name_or_path: Optional[str] = None
+    reward_model_name_or_path: str | None = None
     """a reward_model.py checkpoint (AutoModelForSequenceClassification, num_labels=1) scoring responses"""
-    reward_fn: Optional[str] = None
-    """instead of a reward model: 'path/to/file.py:function', (prompts, completions) -> list of floats"""
-    value_model_name_or_path: Optional[str] = None
-    """critic initialization (default: the reward model, Tulu 2.5 App. F; with --reward_fn and no reward
-    model: the policy checkpoint with a fresh scalar head)"""
+    reward_fn: str | None = None
+    """instead of a reward model: 'path/to/file.py:function', (prompts, completions[, finished]) -> floats
+    (runs that file's code)"""
+    value_model_name_or_path: str | None = None
+    """critic initialization (default: the reward model, Tulu 2.5 App. F; with --reward_fn, or a reward
+    model whose vocabulary differs from the policy's: the policy checkpoint with a fresh scalar head)"""
     normalize_reward: bool = False
     """standardize scores with the reward_mean / reward_std stored in the reward model's config"""
     trust_remote_code: bool = False
@@ -65,11 +85,11 @@ class Args:
     # ---- prompts ----
     dataset_name: str = "Anthropic/hh-rlhf"
     """prompts: a 'prompt' column, or any preference / SFT dataset (its prompts are used); hub id or local file"""
-    dataset_config: Optional[str] = None
+    dataset_config: str | None = None
     """hub dataset configuration name"""
     train_split: str = "train"
     """split whose prompts drive the rollouts"""
-    eval_split: Optional[str] = None
+    eval_split: str | None = None
     """held-out prompts for eval/score, eval/kl and best-checkpoint selection (None: no evaluation)"""
     filter: Literal["none", "dual_safe", "dual_unsafe"] = "none"
     """SafeRLHF-style data: drop pairs where both responses are safe / both unsafe (paper Table 2)"""
@@ -81,9 +101,12 @@ class Args:
     temperature: float = 1.0
     """sampling temperature (log-probabilities are computed at the same temperature)"""
     top_k: int = 200
-    """sample from the k most likely tokens (0: no top-k)"""
+    """sample from the k most likely tokens (0: no top-k). The log-probabilities (ratio, KL, entropy)
+    use the full softmax, as TRL does (ReaLHF masks them). Measured on the tests' tiny random Llama (a
+    flat distribution over 400 tokens): top-k 200 raises a sampled token's probability by 0.57 nats
+    over the full softmax; for a trained LM, whose mass is concentrated, far less (docs/ppo.md)"""
     top_p: float = 1.0
-    """nucleus sampling threshold (1.0: off)"""
+    """nucleus sampling threshold (1.0: off); like top-k, not applied to the log-probabilities"""
     samples_per_prompt: int = 1
     """responses sampled per prompt (Tulu 2.5 App. G: several rollouts per prompt)"""
     local_rollout_forward_batch_size: int = 16
@@ -115,7 +138,7 @@ class Args:
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
-    """gradient clipping norm (actor and critic each; under DeepSpeed, the config's joint gradient_clipping)"""
+    """gradient clipping norm (actor and critic each; under DeepSpeed, one joint norm over both)"""
     gamma: float = 1.0
     """discount factor (paper App. A.2)"""
     lam: float = 1.0
@@ -123,20 +146,16 @@ class Args:
     clip_range: float = 0.2
     """PPO ratio clipping epsilon"""
     clip_range_value: float = 0.2
-    """value clipping range around the rollout values (in normalized units when normalize_value)"""
+    """value clipping range around the critic's rollout output (in the critic's output units: normalized
+    when normalize_value)"""
     vf_coef: float = 0.1
-    """value loss coefficient (Tulu 2.5 Table 9)"""
+    """value loss coefficient (Tulu 2.5 Table 9); with separate Adam groups it matters little under DDP,
+    but it weights the joint clipping norm under DeepSpeed"""
     kl_coef: float = 0.1
-    """KL penalty coefficient beta (paper App. A.2); the initial value when kl_target is set"""
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    """per-token KL: k1 = log pi - log pi_ref; k3 = (r - 1) - log r with r = pi_ref / pi (non-negative)"""
-    kl_target: Optional[float] = None
-    """adaptive KL controller target (sequence KL, nats); None: fixed kl_coef (paper, Tulu 2.5)"""
-    kl_horizon: int = 10000
-    """adaptive KL controller horizon (episodes)"""
+    """KL penalty coefficient beta (paper App. A.2), fixed; per-token KL estimate k1 = log pi - log pi_ref"""
     reward_clip: float = 20.0
     """scores are clipped to +-reward_clip (paper App. A.2)"""
-    missing_eos_penalty: Optional[float] = None
+    missing_eos_penalty: float | None = None
     """EOS trick (Tulu 2.5 App. F): a response without EOS gets this score, e.g. -10.0 (None: off)"""
     whiten_advantages: bool = True
     """key factor 1 (Sec. 5): whiten advantages over the rollout batch (masked)"""
@@ -144,16 +163,19 @@ class Args:
     """value normalization (App. A.2): the critic learns returns standardized by running statistics"""
     ref_ema: float = 0.01
     """key factor 3 (Sec. 5): after each iteration ref <- (1 - ref_ema) ref + ref_ema policy; 0 turns it
-    off. The paper gives no rate; 0.01 is our documented choice"""
+    off. The paper gives no rate; 0.01 per iteration is our choice (the authors' public ReaLHF example
+    uses 0.001, 10x slower: with a few hundred iterations 0.001 barely moves the reference)"""
     # ---- run ----
     seed: int = 1
-    """random seed (sampling, data order)"""
+    """random seed (data order; each process samples with seed + 100003 x its index)"""
     bf16: bool = False
-    """bfloat16 mixed precision; the frozen reference and reward models are loaded in bfloat16"""
+    """bfloat16 mixed precision (autocast); frozen models load in bfloat16, an EMA'd reference stays fp32"""
     gradient_checkpointing: bool = False
     """trade compute for memory in the policy and critic"""
     output_dir: str = "outputs/ppo"
     """where the policy, args.json, metrics.jsonl, samples.jsonl, best/ and checkpoints/ go"""
+    overwrite_output_dir: bool = False
+    """replace a previous run in output_dir (its checkpoints, metrics and model)"""
     logging_steps: int = 1
     """log metrics every this many iterations"""
     eval_steps: int = 10
@@ -162,7 +184,7 @@ class Args:
     """eval prompts per generate chunk, per device"""
     save_steps: int = 0
     """write a resumable checkpoint every this many iterations (0: never)"""
-    resume_from_checkpoint: Optional[str] = None
+    resume_from_checkpoint: str | None = None
     """'latest' or a path to output_dir/checkpoints/step_N to continue from"""
     num_samples: int = 4
     """eval prompts whose responses are written to samples.jsonl at each eval"""
@@ -170,254 +192,26 @@ class Args:
     """experiment tracker"""
 
 
-class DataError(ValueError):
-    """Bad input: reported as one line, before any model is loaded."""
-
-
-# ---------------------------------------------------------------------------------------------
-# ---- shared helpers (byte-identical in sft.py, reward_model.py, dpo.py, ppo.py) ----
-# ---------------------------------------------------------------------------------------------
-
-
-def load_split(name: str, config: Optional[str], split: str) -> Dataset:
-    """A hub dataset, or local .json/.jsonl/.parquet file(s); a directory's files are named by split."""
-    path = Path(name)
-    if path.suffix in (".json", ".jsonl", ".parquet") or path.exists():
-        if not path.exists():
-            raise DataError(f"{name}: no such file")
-        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl", ".parquet")) if path.is_dir() else [path]
-        if not files or all(f.stat().st_size == 0 for f in files):
-            raise DataError(f"{name}: no data (empty file or no .json/.jsonl/.parquet files)")
-        data_files = {f.stem: str(f) for f in files} if path.is_dir() else {"train": str(path)}
-        builder = "parquet" if files[0].suffix == ".parquet" else "json"
-        try:
-            ds = load_dataset(builder, data_files=data_files, split=split)
-        except ValueError as e:  # unknown split, unreadable file
-            raise DataError(f"{name}: cannot load split '{split}' ({e})") from None
-    else:
-        ds = load_dataset(name, config, split=split)
-    if len(ds) == 0:
-        raise DataError(f"{name} split '{split}' is empty")
-    return ds
-
-
-def split_hh_transcript(chosen: str, rejected: str):
-    """HH-RLHF: the prompt is the shared text up to and including the last '\\n\\nAssistant:'."""
-    marker = "\n\nAssistant:"
-    cut = chosen.rfind(marker)
-    if cut < 0:
-        raise DataError(f"HH-RLHF transcript without '{marker.strip()}': {chosen[:60]!r}")
-    prompt = chosen[: cut + len(marker)]
-    if not rejected.startswith(prompt):
-        raise DataError(f"HH-RLHF pair whose transcripts diverge before the last turn: {prompt[:60]!r}")
-    return prompt, chosen[len(prompt):], rejected[len(prompt):]
-
-
-def to_preference(ds: Dataset, filter: str = "none") -> Dataset:
-    """Any preference shape of DESIGN section 4 -> columns prompt, chosen, rejected."""
-    cols = set(ds.column_names)
-    if {"response_0", "response_1", "better_response_id", "safer_response_id"} <= cols:
-        # Paper Sec. 4.3: prefer the safer response when safety differs, else the more helpful one.
-        def saferlhf(row):
-            safe = (row["is_response_0_safe"], row["is_response_1_safe"])
-            win = row["safer_response_id"] if safe[0] != safe[1] else row["better_response_id"]
-            return {"prompt": row["prompt"], "chosen": row[f"response_{win}"], "rejected": row[f"response_{1 - win}"]}
-
-        keep = {"none": lambda r: True,
-                "dual_safe": lambda r: not (r["is_response_0_safe"] and r["is_response_1_safe"]),
-                "dual_unsafe": lambda r: r["is_response_0_safe"] or r["is_response_1_safe"]}[filter]
-        n = len(ds)
-        ds = ds.filter(keep)
-        print(f"SafeRLHF construction: kept {len(ds)} of {n} pairs (filter={filter})")
-        ds = ds.map(saferlhf, remove_columns=ds.column_names)
-    elif {"prompt", "chosen", "rejected"} <= cols:
-        ds = ds.select_columns(["prompt", "chosen", "rejected"])
-    elif {"chosen", "rejected"} <= cols:
-        def hh(row):
-            prompt, chosen, rejected = split_hh_transcript(row["chosen"], row["rejected"])
-            return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-
-        ds = ds.map(hh, remove_columns=ds.column_names)
-    else:
-        raise DataError(f"dataset has columns {sorted(cols)}; expected one of: prompt+chosen+rejected, "
-                        "chosen+rejected (HH-RLHF), prompt+response_0+response_1+better_response_id+safer_response_id")
-    if len(ds) == 0:
-        raise DataError("no preference pairs left after filtering")
-    return ds
-
-
-def render_chat(tokenizer, messages, add_generation_prompt=False) -> str:
-    if tokenizer.chat_template is None:
-        raise DataError("conversational data needs a tokenizer with a chat template")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def encode_prompt(tokenizer, prompt) -> list:
-    """Prompt token ids: a string as is (with the tokenizer's special tokens), messages via the chat template."""
-    if isinstance(prompt, list):
-        return tokenizer(render_chat(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False).input_ids
-    return tokenizer(prompt).input_ids
-
-
-def encode_completion(tokenizer, prompt, completion) -> list:
-    """Completion token ids, ending in EOS so the model learns to stop (needed by the EOS trick)."""
-    if isinstance(completion, list):  # assistant messages: the text the template adds after the prompt
-        before = render_chat(tokenizer, prompt, add_generation_prompt=True)
-        after = render_chat(tokenizer, prompt + completion)
-        if not after.startswith(before):
-            raise DataError("chat template renders the prompt differently once a response follows")
-        completion = after[len(before):]
-    ids = tokenizer(completion, add_special_tokens=False).input_ids
-    return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
-
-
-def truncate(prompt_ids: list, completion_ids: list, max_length: int, max_prompt_length: Optional[int]):
-    """Prompts keep their end, completions their start. Returns (prompt, completion, truncated) or None
-    when the prompt leaves no room for a completion (the caller drops and counts it)."""
-    truncated = False
-    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-        prompt_ids, truncated = prompt_ids[-max_prompt_length:], True
-    if len(prompt_ids) >= max_length:
-        return None
-    if len(prompt_ids) + len(completion_ids) > max_length:
-        completion_ids, truncated = completion_ids[: max_length - len(prompt_ids)], True
-    return prompt_ids, completion_ids, truncated
-
-
-def pad(seqs: list, value, side: str = "right") -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    rows = [[value] * (width - len(s)) + list(s) if side == "left" else list(s) + [value] * (width - len(s)) for s in seqs]
-    return torch.tensor(rows)
-
-
-def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions count real tokens only, so left padding does not shift absolute position embeddings."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] without materializing the full log-softmax (logit - logsumexp)."""
-    logits = logits.float()
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def load_tokenizer(args):
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or args.model_name_or_path,
-                                              trust_remote_code=args.trust_remote_code)
-    if tokenizer.eos_token_id is None:
-        raise DataError("the tokenizer has no EOS token; completions must end in EOS")
-    if tokenizer.pad_token_id is None:
-        # Sequence ends are found from the attention mask, never from pad ids, so EOS-as-pad is safe.
-        print("tokenizer has no pad token: using EOS as pad (ends are found from the attention mask)")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logging step, written by the main process, flushed as written."""
-
-    def __init__(self, accelerator, output_dir):
-        self.accelerator = accelerator
-        self.file = open(Path(output_dir) / "metrics.jsonl", "a") if accelerator.is_main_process else None
-
-    def log(self, metrics: dict, step: int):
-        metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
-        self.accelerator.log(metrics, step=step)
-        if self.file:
-            self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-            self.file.flush()
-
-
-def write_args(args, output_dir):
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(output_dir) / "args.json", "w") as f:
-        json.dump(asdict(args), f, indent=2)
-
-
-def save_model(accelerator, model, tokenizer, output_dir):
-    """Loadable with plain from_pretrained; the state dict is gathered first (ZeRO-3 safe)."""
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(output_dir, state_dict=state_dict)
-        tokenizer.save_pretrained(output_dir)
-    accelerator.wait_for_everyone()
-
-
-def save_checkpoint(accelerator, output_dir, step: int):
-    """output_dir/checkpoints/step_N, written under a temporary name and renamed when complete, so a
-    run killed while saving never leaves a half-written checkpoint that 'latest' would pick."""
-    final = Path(output_dir) / "checkpoints" / f"step_{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / "step.json").write_text(json.dumps({"step": step}))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    accelerator.wait_for_everyone()
-
-
-def find_checkpoint(output_dir, resume_from_checkpoint: Optional[str]) -> Optional[Path]:
-    if resume_from_checkpoint is None:
-        return None
-    if resume_from_checkpoint != "latest":
-        path = Path(resume_from_checkpoint)
-        if not (path / "step.json").exists():
-            raise DataError(f"{path}: not a complete checkpoint (no step.json)")
-        return path
-    done = [p for p in (Path(output_dir) / "checkpoints").glob("step_*") if (p / "step.json").exists()]
-    return max(done, key=lambda p: int(p.name.split("_")[1])) if done else None
-
-
-# ---- contract helpers (byte-identical in reward_model.py, dpo.py, ppo.py) ----
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last real token, from the attention mask (left or right padding, pad == EOS)."""
-    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
-    return (positions * attention_mask).argmax(-1)
-
-
-def score_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The scalar head of an AutoModelForSequenceClassification (num_labels=1) at every token: [B, T].
-    HF's own pooling finds the last token from pad_token_id, which breaks when pad == EOS, so we apply
-    the head to the final hidden states ourselves; callers pick positions from the attention mask."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from(attention_mask), output_hidden_states=True)
-    return getattr(model, "module", model).score(out.hidden_states[-1]).squeeze(-1)
-
-
-# ---------------------------------------------------------------------------------------------
 # ---- PPO math (pure functions; tests compare them with hand-written loops) ----
-# ---------------------------------------------------------------------------------------------
 # Shapes: [B, T] over response tokens; `mask` is 1 on the response up to and including the first EOS
 # (a prefix of each row), 0 after it. `reduce`, when given, sums a tensor over processes, so batch
 # statistics are those of the global rollout batch (accelerator.reduce(t, "sum")).
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, reduce=None) -> torch.Tensor:
-    total = torch.stack([(x * mask).sum(), mask.sum().to(x.dtype)])
-    if reduce is not None:
-        total = reduce(total)
-    return total[0] / total[1].clamp(min=1)
-
-
-def masked_var(x: torch.Tensor, mask: torch.Tensor, reduce=None) -> torch.Tensor:
-    """Population variance of the masked entries."""
-    mean = masked_mean(x, mask, reduce)
-    return masked_mean((x - mean) ** 2, mask, reduce)
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce=None) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; shift_mean=False keeps the mean. Masked-out entries -> 0."""
-    mean, var = masked_mean(x, mask, reduce), masked_var(x, mask, reduce)
-    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
+def compute_rewards(scores, logp, ref_logp, mask, kl_coef: float, reward_clip: float | None = None):
+    """Tulu 2.5 Eq. 4: r_t = -kl_coef * kl_t on every response token, with the k1 estimate
+    kl_t = log pi - log pi_ref, plus the (clipped) score on the last real token.
+    -> (rewards, kl, non_score_reward), all [B, T] and zero outside the mask. (k3 would be the wrong
+    objective here: as a reward its gradient is grad KL(pi||ref) - grad KL(ref||pi).)"""
+    mask = mask.to(logp.dtype)
+    kl = (logp - ref_logp) * mask
+    non_score_reward = -kl_coef * kl
+    if reward_clip is not None:
+        scores = scores.clamp(-reward_clip, reward_clip)
+    rewards = non_score_reward.clone()
+    rows = torch.arange(len(rewards), device=rewards.device)
+    rewards[rows, last_token_index(mask)] += scores.to(rewards.dtype)
+    return rewards, kl, non_score_reward
 
 
 def compute_gae(rewards, values, mask, gamma: float, lam: float):
@@ -438,43 +232,41 @@ def compute_gae(rewards, values, mask, gamma: float, lam: float):
     return advantages, (advantages + values) * mask
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, reduce=None) -> torch.Tensor:
+    total = torch.stack([(x * mask).sum(), mask.sum().to(x.dtype)])
+    if reduce is not None:
+        total = reduce(total)
+    return total[0] / total[1].clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, reduce=None) -> torch.Tensor:
+    """Population variance of the masked entries."""
+    mean = masked_mean(x, mask, reduce)
+    return masked_mean((x - mean) ** 2, mask, reduce)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce=None):
+    """(x - mean) / std over the masked entries; shift_mean=False keeps the mean. Masked-out -> 0."""
+    mean, var = masked_mean(x, mask, reduce), masked_var(x, mask, reduce)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
 def compute_advantages(rewards, values, mask, gamma: float, lam: float, whiten: bool, reduce=None):
-    """GAE advantages and returns; with `whiten` (key factor 1, Sec. 5) the advantages are whitened over the
-    rollout batch, masked (Tulu 2.5 App. F: whiten advantages, not rewards). Returns are never whitened."""
+    """GAE advantages and returns; with `whiten` (key factor 1, Sec. 5) the advantages are whitened
+    over the rollout batch, masked (Tulu 2.5 App. F: whiten advantages, not rewards). Returns are
+    never whitened."""
     advantages, returns = compute_gae(rewards, values, mask, gamma, lam)
     if whiten:
         advantages = masked_whiten(advantages, mask, reduce=reduce)
     return advantages, returns
 
 
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) estimate from the sampled token. k1 = log pi - log pi_ref (unbiased,
-    can be negative); k3 = (r - 1) - log r with r = pi_ref / pi (unbiased, never negative)."""
-    if estimator == "k1":
-        return logp - ref_logp
-    if estimator == "k3":
-        log_r = ref_logp - logp
-        return torch.expm1(log_r) - log_r
-    raise ValueError(f"unknown kl estimator {estimator!r}")
-
-
-def compute_rewards(scores, logp, ref_logp, mask, kl_coef: float, estimator: str = "k1",
-                    reward_clip: Optional[float] = None):
-    """Tulu 2.5 Eq. 4: r_t = -kl_coef * kl_t on every response token, plus the (clipped) score on the last
-    real token. -> (rewards, kl, non_score_reward), all [B, T] and zero outside the mask."""
-    mask = mask.to(logp.dtype)
-    kl = kl_penalty(logp, ref_logp, estimator) * mask
-    non_score_reward = -kl_coef * kl
-    if reward_clip is not None:
-        scores = scores.clamp(-reward_clip, reward_clip)
-    rewards = non_score_reward.clone()
-    rewards[torch.arange(len(rewards), device=rewards.device), last_token_index(mask)] += scores.to(rewards.dtype)
-    return rewards, kl, non_score_reward
-
-
 def policy_loss(new_logp, old_logp, advantages, mask, clip_range: float, n_tokens=None):
-    """Clipped surrogate: mean over tokens of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)). The sum is
-    divided by n_tokens when given (the token count of the global minibatch), else by mask.sum().
+    """Clipped surrogate: mean over tokens of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)). The sum
+    is divided by n_tokens when given (the token count of the global minibatch), else by mask.sum().
     -> (loss, {clipfrac, approxkl})."""
     mask = mask.to(new_logp.dtype)
     ratio = torch.exp(new_logp - old_logp)
@@ -483,16 +275,20 @@ def policy_loss(new_logp, old_logp, advantages, mask, clip_range: float, n_token
     per_token = torch.max(unclipped, clipped)
     loss = (per_token * mask).sum() / (mask.sum().clamp(min=1) if n_tokens is None else n_tokens)
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean((clipped > unclipped).to(mask.dtype), mask),
-                 "approxkl": 0.5 * masked_mean((new_logp - old_logp) ** 2, mask)}
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(mask.dtype), mask),
+            "approxkl": 0.5 * masked_mean((new_logp - old_logp) ** 2, mask),
+        }
     return loss, stats
 
 
 def value_loss(new_values, old_values, returns, mask, clip_range_value: float, n_tokens=None):
     """Clipped value loss: 0.5 * mean of max((V - G)^2, (V_clipped - G)^2) with V_clipped kept within
-    +-clip_range_value of the rollout values. -> (loss, {clipfrac})."""
+    +-clip_range_value of the critic's rollout output `old_values`. -> (loss, {clipfrac})."""
     mask = mask.to(new_values.dtype)
-    clipped_values = old_values + (new_values - old_values).clamp(-clip_range_value, clip_range_value)
+    clipped_values = old_values + (new_values - old_values).clamp(
+        -clip_range_value, clip_range_value
+    )
     unclipped_sq, clipped_sq = (new_values - returns) ** 2, (clipped_values - returns) ** 2
     per_token = 0.5 * torch.max(unclipped_sq, clipped_sq)
     loss = (per_token * mask).sum() / (mask.sum().clamp(min=1) if n_tokens is None else n_tokens)
@@ -501,28 +297,10 @@ def value_loss(new_values, old_values, returns, mask, clip_range_value: float, n
     return loss, stats
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
-    """Keep each response up to and including its first EOS; replace what follows with pad.
-    -> (responses, mask [B, T] long, has_eos [B] bool). A response without EOS keeps all its tokens."""
-    is_eos = responses == eos_id
-    has_eos = is_eos.any(-1)
-    T = responses.shape[1]
-    end = torch.where(has_eos, is_eos.long().argmax(-1), torch.full_like(has_eos, T - 1, dtype=torch.long))
-    mask = torch.arange(T, device=responses.device)[None, :] <= end[:, None]
-    return responses.masked_fill(~mask, pad_id), mask.long(), has_eos
-
-
-def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: Optional[float]) -> torch.Tensor:
-    """Tulu 2.5 App. F, the EOS trick: a truncated response (no EOS) gets `penalty` as its score."""
-    if penalty is None:
-        return scores
-    return torch.where(has_eos, scores, torch.full_like(scores, penalty))
-
-
 class RunningMeanStd:
-    """Running mean and variance of the returns (paper App. A.2 value normalization): the critic learns
-    (G - mean) / std and its outputs are mapped back with V * std + mean before GAE. Batches are merged
-    with Chan et al.'s parallel formula, so the statistics equal those of all returns seen so far."""
+    """Running mean and variance of the returns (paper App. A.2 value normalization): the critic
+    learns (G - mean) / std and its outputs are mapped back with V * std + mean before GAE. Batches
+    are merged with Chan et al.'s parallel formula: the statistics of all returns seen so far."""
 
     def __init__(self):
         self.mean, self.var, self.count = 0.0, 1.0, 0.0
@@ -537,8 +315,12 @@ class RunningMeanStd:
         batch_mean = total[0].item() / n
         batch_var = masked_mean((x - batch_mean) ** 2, mask, reduce).item()
         delta, new_count = batch_mean - self.mean, self.count + n
-        m2 = self.var * self.count + batch_var * n + delta ** 2 * self.count * n / new_count
-        self.mean, self.var, self.count = self.mean + delta * n / new_count, m2 / new_count, new_count
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / new_count
+        self.mean, self.var, self.count = (
+            self.mean + delta * n / new_count,
+            m2 / new_count,
+            new_count,
+        )
 
     @property
     def std(self) -> float:
@@ -551,64 +333,75 @@ class RunningMeanStd:
         self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
 
 
-class AdaptiveKLController:
-    """Ziegler et al. 2019: move kl_coef so the sequence KL tracks `target` (off by default, like the paper)."""
-
-    def __init__(self, kl_coef: float, target: Optional[float], horizon: int):
-        self.value, self.target, self.horizon = kl_coef, target, horizon
-
-    def update(self, current_kl: float, n_episodes: int):
-        if self.target is not None:
-            error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-            self.value *= 1.0 + error * n_episodes / self.horizon
-
-    def state_dict(self):
-        return {"value": self.value}
-
-    def load_state_dict(self, state):
-        self.value = state["value"]
-
-
 @torch.no_grad()
-def ema_update(ref_model: torch.nn.Module, policy_model: torch.nn.Module, ref_ema: float):
-    """Sec. 5 reference-model EMA: ref <- (1 - ref_ema) * ref + ref_ema * policy. ref_ema = 0: untouched."""
+def ema_update(ref_model, policy_model, ref_ema: float, accelerator=None):
+    """Sec. 5 reference-model EMA: ref <- (1 - ref_ema) * ref + ref_ema * policy (0: untouched).
+    Under ZeRO-3 each pair of parameters is gathered whole, updated, and re-partitioned from rank 0."""
     if ref_ema == 0:
         return
-    ref_params, policy_params = dict(ref_model.named_parameters()), dict(policy_model.named_parameters())
+    ref_params = dict(getattr(ref_model, "module", ref_model).named_parameters())
+    policy_params = dict(policy_model.named_parameters())
     if ref_params.keys() != policy_params.keys():
         raise ValueError("reference and policy have different parameters")
     for name, p_ref in ref_params.items():
-        p_ref.lerp_(policy_params[name].detach().to(p_ref.dtype), ref_ema)
+        with zero3_gathered(accelerator, [p_ref, policy_params[name]], modifier_rank=0):
+            p_ref.lerp_(policy_params[name].detach().to(p_ref.dtype), ref_ema)
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
+    """Keep each response up to and including its first EOS; replace what follows with pad.
+    -> (responses, mask [B, T] long, has_eos [B] bool). A response without EOS keeps all its tokens."""
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(-1)
+    T = responses.shape[1]
+    last = torch.full_like(has_eos, T - 1, dtype=torch.long)
+    end = torch.where(has_eos, is_eos.long().argmax(-1), last)
+    mask = torch.arange(T, device=responses.device)[None, :] <= end[:, None]
+    return responses.masked_fill(~mask, pad_id), mask.long(), has_eos
+
+
+def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float):
+    """Log-probabilities of the response tokens at the sampling temperature; `logits` are those of
+    the positions that predict the response tokens ([B, R, V])."""
+    return token_logprobs(logits / temperature, responses)
 
 
 def derive_batch_sizes(args, num_processes: int) -> dict:
     """CleanRL-style derived sizes. One iteration samples `rollout_batch_size` responses, then each PPO
     epoch takes num_minibatches optimizer steps, each over `minibatch_size` responses made of
     gradient_accumulation_steps micro-batches of per_device_train_batch_size per device."""
+    sizes_ok = min(
+        args.per_device_prompt_batch_size,
+        args.samples_per_prompt,
+        args.num_minibatches,
+        args.per_device_train_batch_size,
+        args.ppo_epochs,
+        args.local_rollout_forward_batch_size,
+    )
+    if sizes_ok < 1:
+        raise DataError(
+            "batch sizes, samples_per_prompt, num_minibatches and ppo_epochs must be >= 1"
+        )
     local_rollout = args.per_device_prompt_batch_size * args.samples_per_prompt
-    sizes = {
+    local_minibatch = local_rollout // args.num_minibatches
+    if local_rollout % args.num_minibatches or local_minibatch % args.per_device_train_batch_size:
+        raise DataError(
+            f"per-device rollout batch {local_rollout} (per_device_prompt_batch_size x "
+            f"samples_per_prompt) must split into num_minibatches={args.num_minibatches} minibatches "
+            f"of whole micro-batches of per_device_train_batch_size={args.per_device_train_batch_size}"
+        )
+    return {
         "local_rollout_batch_size": local_rollout,  # responses per device per iteration
         "rollout_batch_size": local_rollout * num_processes,  # responses per iteration (paper: 512)
         "prompts_per_iteration": args.per_device_prompt_batch_size * num_processes,
-        "local_minibatch_size": local_rollout // max(args.num_minibatches, 1),
-        "minibatch_size": local_rollout * num_processes // max(args.num_minibatches, 1),  # paper: 128
-        "gradient_accumulation_steps":
-            local_rollout // max(args.num_minibatches, 1) // max(args.per_device_train_batch_size, 1),
+        "local_minibatch_size": local_minibatch,
+        "minibatch_size": local_minibatch * num_processes,  # paper: 128
+        "gradient_accumulation_steps": local_minibatch // args.per_device_train_batch_size,
         "optimizer_steps_per_iteration": args.ppo_epochs * args.num_minibatches,
     }
-    if min(args.per_device_prompt_batch_size, args.samples_per_prompt, args.num_minibatches,
-           args.per_device_train_batch_size, args.ppo_epochs, args.local_rollout_forward_batch_size) < 1:
-        raise DataError("batch sizes, samples_per_prompt, num_minibatches and ppo_epochs must be >= 1")
-    if local_rollout % args.num_minibatches or sizes["local_minibatch_size"] % args.per_device_train_batch_size:
-        raise DataError(f"per-device rollout batch {local_rollout} (per_device_prompt_batch_size x samples_per_prompt) "
-                        f"must split into num_minibatches={args.num_minibatches} minibatches of whole "
-                        f"micro-batches of per_device_train_batch_size={args.per_device_train_batch_size}")
-    return sizes
 
 
-# ---------------------------------------------------------------------------------------------
-# ---- prompts ----
-# ---------------------------------------------------------------------------------------------
+# ---- the rollout: prompts, models, sampling, scoring ----
 
 
 def to_prompts(ds: Dataset, filter: str = "none") -> list:
@@ -619,32 +412,38 @@ def to_prompts(ds: Dataset, filter: str = "none") -> list:
         return list(ds["prompt"])
     if "messages" in cols:
         prompts = []
-        for messages in ds["messages"]:
-            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
-            prompts.append(messages[:last])
+        for i, messages in enumerate(ds["messages"]):
+            check_text(messages, "messages", i)
+            last = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
+            prompts.append(messages[: last[-1]] if last else messages)
         return prompts
     try:
         return list(to_preference(ds, filter)["prompt"])
     except DataError as e:
         if "expected one of" not in str(e):
             raise
-        raise DataError(f"dataset has columns {sorted(cols)}; expected a prompt source: prompt, messages, "
-                        "or a preference shape (prompt+chosen+rejected, chosen+rejected, SafeRLHF)") from None
+        raise DataError(
+            f"dataset has columns {sorted(cols)}; expected a prompt source: prompt, messages, "
+            "or a preference shape (prompt+chosen+rejected, chosen+rejected, SafeRLHF)"
+        ) from None
 
 
 def tokenize_prompts(prompts: list, tokenizer, max_prompt_length: int, name: str) -> list:
-    """-> list of prompt token-id lists, keeping the end of long prompts; empty prompts are dropped."""
+    """-> prompt token-id lists, keeping the end of long prompts; empty (or null) prompts are dropped."""
     out, n_truncated, n_dropped = [], 0, 0
-    for prompt in prompts:
-        ids = encode_prompt(tokenizer, prompt) if prompt else []
-        if not ids:
+    for i, prompt in enumerate(prompts):
+        if prompt is None or prompt == "" or prompt == []:
             n_dropped += 1
             continue
+        check_text(prompt, "prompt", i)
+        ids = encode_prompt(tokenizer, prompt)
         if len(ids) > max_prompt_length:
-            ids, n_truncated = ids[-max_prompt_length:], n_truncated + 1
+            ids, n_truncated = ids[len(ids) - max_prompt_length :], n_truncated + 1
         out.append(ids)
-    print(f"{name}: {len(out)} prompts, {n_truncated} truncated to max_prompt_length={max_prompt_length}, "
-          f"{n_dropped} empty dropped")
+    print(
+        f"{name}: {len(out)} prompts, {n_truncated} truncated to max_prompt_length="
+        f"{max_prompt_length}, {n_dropped} empty dropped"
+    )
     if not out:
         raise DataError(f"{name}: no prompts (all {len(prompts)} are empty)")
     return out
@@ -652,208 +451,211 @@ def tokenize_prompts(prompts: list, tokenizer, max_prompt_length: int, name: str
 
 def collate_prompts(prompts: list, pad_id: int) -> dict:
     """Left-padded, so every response starts at the same column and generation appends on the right."""
-    return {"input_ids": pad(prompts, pad_id, "left"), "attention_mask": pad([[1] * len(p) for p in prompts], 0, "left")}
-
-
-def load_reward_fn(spec: str):
-    """'path/to/file.py:function' -> the function, loaded with importlib (user code: only what you trust)."""
-    path, _, name = spec.rpartition(":")
-    if not path or not Path(path).is_file():
-        raise DataError(f"--reward_fn {spec!r}: expected 'path/to/file.py:function' with an existing file")
-    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not callable(getattr(module, name, None)):
-        raise DataError(f"--reward_fn {spec!r}: {path} has no function {name!r}")
-    return getattr(module, name)
+    masks = [[1] * len(p) for p in prompts]
+    return {"input_ids": pad(prompts, pad_id, "left"), "attention_mask": pad(masks, 0, "left")}
 
 
 def same_vocab(tokenizer_a, tokenizer_b) -> bool:
     return tokenizer_a.get_vocab() == tokenizer_b.get_vocab()
 
 
-def retokenize(prompt_texts: list, completion_texts: list, has_eos: torch.Tensor, tokenizer) -> dict:
+def retokenize(
+    prompt_texts: list, completion_texts: list, has_eos: torch.Tensor, tokenizer
+) -> dict:
     """Text -> another model's tokens (a reward model with a different tokenizer): the prompt as
     encode_prompt does for strings, then the completion, with EOS only where the policy emitted one.
     Right-padded; the reward is read at the last real token."""
     seqs = []
     for prompt, completion, eos in zip(prompt_texts, completion_texts, has_eos.tolist()):
-        ids = tokenizer(prompt).input_ids + tokenizer(completion, add_special_tokens=False).input_ids
+        ids = (
+            tokenizer(prompt).input_ids + tokenizer(completion, add_special_tokens=False).input_ids
+        )
         seqs.append(ids + [tokenizer.eos_token_id] if eos else ids)
-    return {"input_ids": pad(seqs, tokenizer.pad_token_id), "attention_mask": pad([[1] * len(s) for s in seqs], 0)}
-
-
-# ---------------------------------------------------------------------------------------------
-# ---- models ----
-# ---------------------------------------------------------------------------------------------
-
-
-def disable_dropout(model: torch.nn.Module):
-    """Dropout would make the rollout log-probs and the update's log-probs disagree (DESIGN section 5)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        for attr in ("attention_dropout", "dropout", "attn_dropout"):  # functional dropout rates (Llama, Qwen2...)
-            if isinstance(getattr(module, attr, None), float):
-                setattr(module, attr, 0.0)
-
-
-def freeze(model: torch.nn.Module) -> torch.nn.Module:
-    disable_dropout(model)
-    return model.eval().requires_grad_(False)
+    masks = [[1] * len(s) for s in seqs]
+    return {"input_ids": pad(seqs, tokenizer.pad_token_id), "attention_mask": pad(masks, 0)}
 
 
 class PolicyAndValue(torch.nn.Module):
-    """Actor and critic in one module with one AdamW holding two parameter groups (actor lr, critic lr).
-    Why one module: accelerate prepares a single model per DeepSpeed engine, so one wrapper runs the same
-    under DDP, ZeRO-2 and ZeRO-3 and needs one backward; the parameters stay separate (paper App. A.2),
-    and the two parameter groups keep the paper's separate learning rates."""
+    """Actor and critic in one module with one AdamW holding two parameter groups (actor lr, critic
+    lr). Why one module: accelerate prepares a single model per DeepSpeed engine, so one wrapper runs
+    the same under DDP, ZeRO-2 and ZeRO-3 with one backward; the parameters stay separate (paper
+    App. A.2). forward -> (logits [B, R, V], values [B, R]) for the R response tokens only: the
+    logits of prompt positions are never computed (logits_to_keep)."""
 
     def __init__(self, policy, critic):
         super().__init__()
         self.policy, self.critic = policy, critic
 
-    def forward(self, input_ids, attention_mask):
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids_from(attention_mask)).logits
-        return logits, score_tokens(self.critic, input_ids, attention_mask)
+    def forward(self, input_ids, attention_mask, response_length: int, with_values: bool = True):
+        logits = self.policy(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from(attention_mask),
+            use_cache=False,
+            logits_to_keep=response_length + 1,
+        ).logits[:, :-1]  # position t predicts token t + 1
+        if not with_values:
+            return logits, None
+        values = score_tokens(self.critic, input_ids, attention_mask)
+        return logits, values[:, -response_length - 1 : -1].float()
 
 
-def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, context_length: int, temperature: float):
-    """Log-probabilities of the response tokens at the sampling temperature: logits at position t predict t+1."""
-    return token_logprobs(logits[:, context_length - 1: -1] / temperature, responses)
+def reference_logits(ref_model, input_ids, attention_mask, response_length: int):
+    return ref_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from(attention_mask),
+        use_cache=False,
+        logits_to_keep=response_length + 1,
+    ).logits[:, :-1]
 
 
-def gathered_for_generation(accelerator, module):
-    """ZeRO-3 shards the weights: gather them once for the whole rollout, not once per generated token."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.zero_stage == 3:
-        import deepspeed  # only needed (and only importable) under DeepSpeed
+@contextlib.contextmanager
+def full_fp32_under_zero3(enable: bool):
+    """Load outside DeepSpeed's zero.Init: under ZeRO-3 with bf16, zero.Init builds every model in bf16,
+    whatever dtype is asked for, and the EMA'd reference must stay fp32 (prepare_frozen partitions it
+    afterwards, in fp32)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(module.parameters()))
-    return contextlib.nullcontext()
-
-
-def save_policy(accelerator, model, tokenizer, output_dir):
-    """The policy alone, loadable with plain AutoModelForCausalLM.from_pretrained (ZeRO-3 safe)."""
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        state_dict = {k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")}
-        accelerator.unwrap_model(model).policy.save_pretrained(output_dir, state_dict=state_dict)
-        tokenizer.save_pretrained(output_dir)
-    accelerator.wait_for_everyone()
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    if enable:
+        hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
-def peak_memory_gb(device) -> float:
-    if torch.cuda.is_available() and device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # CPU: peak RSS (KiB on Linux)
+def zero3_gathered(accelerator, params, modifier_rank=None):
+    """Under ZeRO-3, the full tensors of `params` inside the block (one gather, not one per use)."""
+    plugin = accelerator.state.deepspeed_plugin if accelerator is not None else None
+    if plugin is None or plugin.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed  # only needed (and only importable) under DeepSpeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
 
 
-# ---------------------------------------------------------------------------------------------
-# ---- rollout ----
-# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(accelerator, policy, prompts, prompt_mask, config, chunk: int, pad_id: int):
+    """Sample in chunks with the KV cache, in eval mode (gradient checkpointing in train mode drops the
+    cache), the ZeRO-3 weights gathered once for the whole rollout. -> [B, T] right-padded."""
+    outs = []
+    was_training = policy.training
+    policy.eval()
+    with zero3_gathered(accelerator, policy.parameters()), accelerator.autocast():
+        for i in range(0, len(prompts), chunk):
+            ids, mask = prompts[i : i + chunk], prompt_mask[i : i + chunk]
+            out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            outs.append(out[:, prompts.shape[1] :])
+    policy.train(was_training)
+    width = max(o.shape[1] for o in outs)
+    pads = [torch.nn.functional.pad(o, (0, width - o.shape[1]), value=pad_id) for o in outs]
+    return torch.cat(pads)
+
+
+@torch.no_grad()
+def rollout_forward(accelerator, model, ref_model, prompts, prompt_mask, responses, response_mask,
+                    chunk: int, temperature: float, with_values: bool = True):  # fmt: skip
+    """Log-probs, reference log-probs and the critic's (normalized) values of the sampled responses,
+    in chunks, under the same autocast as the training forward. -> three [B, R] tensors."""
+    logps, ref_logps, values = [], [], []
+    R = responses.shape[1]
+    for i in range(0, len(prompts), chunk):
+        ids = torch.cat([prompts[i : i + chunk], responses[i : i + chunk]], 1)
+        mask = torch.cat([prompt_mask[i : i + chunk], response_mask[i : i + chunk]], 1)
+        with accelerator.autocast():
+            logits, value = model(ids, mask, R, with_values)
+            logps.append(response_logprobs(logits, ids[:, -R:], temperature))
+            ref_logits = reference_logits(ref_model, ids, mask, R)
+            ref_logps.append(response_logprobs(ref_logits, ids[:, -R:], temperature))
+        values.append(value if with_values else torch.zeros_like(logps[-1]))
+    return torch.cat(logps), torch.cat(ref_logps), torch.cat(values)
 
 
 class Scorer:
     """Score (prompt, response) pairs with the reward model or the reward function."""
 
-    def __init__(self, args, tokenizer, device, reward_model=None, reward_tokenizer=None, reward_fn=None):
+    def __init__(
+        self, args, tokenizer, device, reward_model=None, reward_tokenizer=None, reward_fn=None
+    ):
         self.args, self.tokenizer, self.device = args, tokenizer, device
-        self.reward_model, self.reward_tokenizer, self.reward_fn = reward_model, reward_tokenizer, reward_fn
-        config = reward_model.config if reward_model is not None else None
-        self.mean = float(getattr(config, "reward_mean", 0.0)) if args.normalize_reward and config else 0.0
-        self.std = float(getattr(config, "reward_std", 1.0)) if args.normalize_reward and config else 1.0
+        self.reward_model, self.reward_tokenizer, self.reward_fn = (
+            reward_model,
+            reward_tokenizer,
+            reward_fn,
+        )
+        config = getattr(getattr(reward_model, "module", reward_model), "config", None)
+        normalize = args.normalize_reward and config is not None
+        self.mean = float(getattr(config, "reward_mean", 0.0)) if normalize else 0.0
+        self.std = float(getattr(config, "reward_std", 1.0)) if normalize else 1.0
 
     def texts(self, prompts, prompt_mask, responses, response_mask):
-        prompt_texts = [self.tokenizer.decode(p[m.bool()].tolist(), skip_special_tokens=True)
-                        for p, m in zip(prompts, prompt_mask)]
-        completions = [self.tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
-                       for r, m in zip(responses, response_mask)]
-        return prompt_texts, completions
+        decode = lambda ids, m: self.tokenizer.decode(
+            ids[m.bool()].tolist(), skip_special_tokens=True
+        )
+        return [decode(p, m) for p, m in zip(prompts, prompt_mask)], [
+            decode(r, m) for r, m in zip(responses, response_mask)
+        ]
 
     @torch.no_grad()
     def __call__(self, prompts, prompt_mask, responses, response_mask, has_eos) -> torch.Tensor:
         if self.reward_fn is not None:
             prompt_texts, completions = self.texts(prompts, prompt_mask, responses, response_mask)
-            scores = self.reward_fn(prompt_texts, completions)
-            if not hasattr(scores, "__len__") or len(scores) != len(completions):
-                n = len(scores) if hasattr(scores, "__len__") else type(scores).__name__
-                raise DataError(f"--reward_fn {self.args.reward_fn} returned {n} scores for {len(completions)} "
-                                "completions; expected one float per (prompt, completion)")
-            return torch.tensor([float(s) for s in scores], device=self.device)
+            scores = call_reward_fn(self.reward_fn, prompt_texts, completions, has_eos.tolist())
+            return torch.tensor(scores, device=self.device)
         if self.reward_tokenizer is not None:  # a different vocabulary: go through text
-            batch = retokenize(*self.texts(prompts, prompt_mask, responses, response_mask), has_eos, self.reward_tokenizer)
-            input_ids, attention_mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            texts = self.texts(prompts, prompt_mask, responses, response_mask)
+            batch = retokenize(*texts, has_eos, self.reward_tokenizer)
+            input_ids = batch["input_ids"].to(self.device)
+            attention_mask = batch["attention_mask"].to(self.device)
         else:
-            input_ids, attention_mask = torch.cat([prompts, responses], 1), torch.cat([prompt_mask, response_mask], 1)
+            input_ids = torch.cat([prompts, responses], 1)
+            attention_mask = torch.cat([prompt_mask, response_mask], 1)
         scores = score_tokens(self.reward_model, input_ids, attention_mask)
-        scores = scores[torch.arange(len(scores), device=self.device), last_token_index(attention_mask)].float()
+        rows = torch.arange(len(scores), device=self.device)
+        scores = scores[rows, last_token_index(attention_mask)].float()
         return (scores - self.mean) / self.std
 
 
 @torch.no_grad()
-def generate(policy, prompts, prompt_mask, generation_config, chunk: int, pad_id: int):
-    """Sample responses in chunks with the KV cache; -> [B, T] responses right-padded with pad_id."""
-    outs = []
-    for i in range(0, len(prompts), chunk):
-        out = policy.generate(input_ids=prompts[i: i + chunk], attention_mask=prompt_mask[i: i + chunk],
-                              generation_config=generation_config)
-        outs.append(out[:, prompts.shape[1]:])
-    width = max(o.shape[1] for o in outs)
-    return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]), value=pad_id) for o in outs])
-
-
-@torch.no_grad()
-def rollout_forward(model, ref_model, prompts, prompt_mask, responses, response_mask, chunk: int, temperature: float):
-    """Log-probs, reference log-probs and (normalized) values of the sampled responses, in chunks."""
-    logps, ref_logps, values = [], [], []
-    context_length = prompts.shape[1]
-    for i in range(0, len(prompts), chunk):
-        ids = torch.cat([prompts[i: i + chunk], responses[i: i + chunk]], 1)
-        mask = torch.cat([prompt_mask[i: i + chunk], response_mask[i: i + chunk]], 1)
-        logits, value = model(ids, mask)
-        logps.append(response_logprobs(logits, ids[:, context_length:], context_length, temperature))
-        values.append(value[:, context_length - 1: -1].float())
-        ref_logits = ref_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from(mask)).logits
-        ref_logps.append(response_logprobs(ref_logits, ids[:, context_length:], context_length, temperature))
-    return torch.cat(logps), torch.cat(ref_logps), torch.cat(values)
-
-
-# ---------------------------------------------------------------------------------------------
-# ---- evaluation ----
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
 def evaluate(accelerator, model, ref_model, scorer, eval_prompts, tokenizer, args, step):
-    """Greedy responses to the held-out prompts (deterministic, so checkpoints compare fairly), scored by
-    the reward; eval/kl is the summed log-ratio log pi - log pi_ref of those responses against the current
-    reference. Each process takes every num_processes-th prompt; sums are reduced, so the mean is exact."""
+    """Greedy responses to the held-out prompts (deterministic, so checkpoints compare fairly), scored
+    by the reward; eval/kl is the summed log-ratio log pi - log pi_ref of those responses against the
+    current reference. Each process takes every num_processes-th prompt; sums are reduced. The critic
+    is not run."""
     unwrapped = accelerator.unwrap_model(model)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id, use_cache=True)
-    local = eval_prompts[accelerator.process_index:: accelerator.num_processes]
+    config = generation_config(tokenizer, args.max_new_tokens, do_sample=False)
+    local = eval_prompts[accelerator.process_index :: accelerator.num_processes]
     totals = torch.zeros(3, device=accelerator.device)
-    samples = []
-    n_chunks = math.ceil(len(eval_prompts) / accelerator.num_processes / args.per_device_eval_batch_size)
-    for c in range(n_chunks):  # the same number of chunks on every process (ZeRO-3 forward passes are collective)
-        part = local[c * args.per_device_eval_batch_size: (c + 1) * args.per_device_eval_batch_size] or eval_prompts[:1]
-        count = len(local[c * args.per_device_eval_batch_size: (c + 1) * args.per_device_eval_batch_size])
-        batch = {k: v.to(accelerator.device) for k, v in collate_prompts(part, tokenizer.pad_token_id).items()}
-        with gathered_for_generation(accelerator, unwrapped.policy):
-            responses = generate(unwrapped.policy, batch["input_ids"], batch["attention_mask"], config,
-                                 args.per_device_eval_batch_size, tokenizer.pad_token_id)
-        responses, response_mask, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        logp, ref_logp, _ = rollout_forward(unwrapped, ref_model, batch["input_ids"], batch["attention_mask"],
-                                            responses, response_mask, args.per_device_eval_batch_size, 1.0)
-        scores = scorer(batch["input_ids"], batch["attention_mask"], responses, response_mask, has_eos)
+    samples, b = [], args.per_device_eval_batch_size
+    n_chunks = math.ceil(len(eval_prompts) / accelerator.num_processes / b)
+    was_training = model.training
+    model.eval()
+    for c in range(n_chunks):  # the same number of chunks on every process (ZeRO-3 is collective)
+        part = local[c * b : (c + 1) * b]
+        count = len(part)
+        batch = collate_prompts(part or eval_prompts[:1], tokenizer.pad_token_id)
+        prompts, prompt_mask = (
+            batch[k].to(accelerator.device) for k in ("input_ids", "attention_mask")
+        )
+        responses = generate(
+            accelerator, unwrapped.policy, prompts, prompt_mask, config, b, tokenizer.pad_token_id
+        )
+        responses, response_mask, has_eos = truncate_after_eos(
+            responses, tokenizer.eos_token_id, tokenizer.pad_token_id
+        )
+        logp, ref_logp, _ = rollout_forward(accelerator, unwrapped, ref_model, prompts, prompt_mask, responses,
+                                            response_mask, b, 1.0, with_values=False)  # fmt: skip
+        scores = scorer(prompts, prompt_mask, responses, response_mask, has_eos)
         kl = ((logp - ref_logp) * response_mask).sum(1)
-        totals += torch.stack([scores[:count].sum(), kl[:count].sum(), torch.tensor(float(count), device=kl.device)])
+        totals += torch.stack([scores[:count].sum(), kl[:count].sum(), kl.new_tensor(float(count))])
         if c == 0 and accelerator.is_main_process:
-            texts = scorer.texts(batch["input_ids"], batch["attention_mask"], responses, response_mask)
-            samples = [{"step": step, "prompt": p, "completion": r, "score": s}
-                       for p, r, s in zip(*texts, scores.tolist())][: min(args.num_samples, count)]
+            texts = scorer.texts(prompts, prompt_mask, responses, response_mask)
+            rows = zip(*texts, scores.tolist())
+            samples = [{"step": step, "prompt": p, "completion": r, "score": s} for p, r, s in rows]
+            samples = samples[: min(args.num_samples, count)]
+    model.train(was_training)
     totals = accelerator.reduce(totals, "sum")
     if samples:
         with open(Path(args.output_dir) / "samples.jsonl", "a") as f:
@@ -861,22 +663,100 @@ def evaluate(accelerator, model, ref_model, scorer, eval_prompts, tokenizer, arg
     return {"eval/score": (totals[0] / totals[2]).item(), "eval/kl": (totals[1] / totals[2]).item()}
 
 
-# ---------------------------------------------------------------------------------------------
-# ---- main ----
-# ---------------------------------------------------------------------------------------------
+def save_policy(accelerator, model, tokenizer, output_dir):
+    """The policy alone, loadable with plain AutoModelForCausalLM.from_pretrained (ZeRO-3 safe)."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        state_dict = {
+            k[len("policy.") :]: v for k, v in state_dict.items() if k.startswith("policy.")
+        }
+        policy = accelerator.unwrap_model(model).policy
+        policy.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(output_dir)
+    accelerator.wait_for_everyone()
 
 
-def main(args: Args):
-    # ---- validate arguments and data before any model is loaded ----
+def save_reference(accelerator, ref_model, path: Path):
+    """The EMA'd reference is training state: safetensors beside the checkpoint (full tensors under
+    ZeRO-3), written under a temporary name and renamed."""
+    tensors = {}
+    for name, p in getattr(ref_model, "module", ref_model).named_parameters():
+        with zero3_gathered(accelerator, [p]):
+            if accelerator.is_main_process:
+                tensors[name] = p.detach().cpu().clone().contiguous()
+    if accelerator.is_main_process:
+        save_file(tensors, str(path) + ".tmp")
+        Path(str(path) + ".tmp").rename(path)
+    accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def load_reference(accelerator, ref_model, path: Path):
+    if not path.exists():
+        raise DataError(f"{path.parent}: the checkpoint has no {path.name} (the EMA'd reference)")
+    tensors = load_file(str(path))
+    for name, p in getattr(ref_model, "module", ref_model).named_parameters():
+        with zero3_gathered(accelerator, [p], modifier_rank=0):
+            p.copy_(tensors[name].to(p.dtype))
+
+
+def peak_memory_gb(device) -> float:
+    if torch.cuda.is_available() and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )  # CPU: peak RSS (KiB on Linux)
+
+
+def check_args(args: Args):
+    """Argument mistakes, reported in one line before anything loads."""
     if (args.reward_model_name_or_path is None) == (args.reward_fn is None):
         raise DataError("give exactly one of --reward_model_name_or_path and --reward_fn")
     if args.temperature <= 0:
         raise DataError("temperature must be > 0 (PPO needs sampled rollouts)")
+    for name in (
+        "logging_steps",
+        "eval_steps",
+        "max_prompt_length",
+        "max_new_tokens",
+        "per_device_eval_batch_size",
+    ):
+        if getattr(args, name) < 1:
+            raise DataError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("learning_rate", "critic_learning_rate"):
+        if not getattr(args, name) > 0:
+            raise DataError(f"--{name} must be > 0, got {getattr(args, name)}")
+    if not 0 <= args.ref_ema <= 1 or not 0 <= args.warmup_ratio <= 1:
+        raise DataError("--ref_ema and --warmup_ratio must be within [0, 1]")
+    if args.save_steps < 0 or args.num_samples < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise DataError(
+            "--save_steps, --num_samples, --top_k must be >= 0 and --top_p within (0, 1]"
+        )
+    package = {"tensorboard": ["tensorboard", "tensorboardX"], "wandb": ["wandb"]}.get(
+        args.report_to, []
+    )
+    if package and not any(importlib.util.find_spec(p) for p in package):
+        raise DataError(
+            f"--report_to {args.report_to}: the package is not installed (pip install {package[0]})"
+        )
+    check_model_path(args.model_name_or_path)
+    if args.value_model_name_or_path:
+        check_model_path(args.value_model_name_or_path, "value model")
+    if args.reward_model_name_or_path:
+        check_reward_model(args.reward_model_name_or_path, args.trust_remote_code)
+
+
+def main(args: Args):
+    # ---- arguments and data, checked before any model is loaded ----
+    check_args(args)
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     accelerator = Accelerator(
         mixed_precision="bf16" if args.bf16 else None,
-        # Accumulation counts micro-batches per minibatch by hand (sync_with_dataloader=False); the number of
-        # steps depends on the process count, so it is set below, before prepare().
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
+        # Accumulation counts micro-batches per minibatch by hand (sync_with_dataloader=False); the
+        # number depends on the process count, so it is set below, before prepare().
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=1, sync_with_dataloader=False
+        ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
@@ -886,35 +766,41 @@ def main(args: Args):
     accelerator.gradient_accumulation_steps = ga
     set_seed(args.seed)
     tokenizer = load_tokenizer(args)
-    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     reward_tokenizer = None
     if args.reward_model_name_or_path:
         try:
-            reward_tokenizer = AutoTokenizer.from_pretrained(args.reward_model_name_or_path,
-                                                             trust_remote_code=args.trust_remote_code)
+            reward_tokenizer = AutoTokenizer.from_pretrained(
+                args.reward_model_name_or_path, trust_remote_code=args.trust_remote_code
+            )
         except (OSError, ValueError):
             print("reward model has no tokenizer of its own: assuming the policy's")
         if reward_tokenizer is not None and same_vocab(reward_tokenizer, tokenizer):
             reward_tokenizer = None
         elif reward_tokenizer is not None:
             if reward_tokenizer.eos_token_id is None:
-                raise DataError(f"{args.reward_model_name_or_path}: its tokenizer differs from the policy's and has no "
-                                "EOS token, so responses cannot be re-tokenized for it")
+                raise DataError(f"{args.reward_model_name_or_path}: its tokenizer differs from the policy's "
+                                "and has no EOS token, so responses cannot be re-tokenized for it")  # fmt: skip
             if reward_tokenizer.pad_token_id is None:
                 reward_tokenizer.pad_token = reward_tokenizer.eos_token
-            print("reward model's tokenizer differs from the policy's: responses are decoded and re-tokenized")
-    train_prompts = tokenize_prompts(to_prompts(load_split(args.dataset_name, args.dataset_config, args.train_split),
-                                                args.filter), tokenizer, args.max_prompt_length, "train")
-    eval_prompts = []
-    if args.eval_split:
-        eval_prompts = tokenize_prompts(to_prompts(load_split(args.dataset_name, args.dataset_config, args.eval_split),
-                                                   args.filter), tokenizer, args.max_prompt_length, "eval")
-    loader = torch.utils.data.DataLoader(train_prompts, batch_size=args.per_device_prompt_batch_size, shuffle=True,
-                                         drop_last=True, collate_fn=lambda b: collate_prompts(b, tokenizer.pad_token_id))
+            print(
+                "reward model's tokenizer differs from the policy's: responses are decoded and re-tokenized"
+            )
+
+    def prompts_of(split: str) -> list:
+        ds = load_split(args.dataset_name, args.dataset_config, split)
+        return tokenize_prompts(
+            to_prompts(ds, args.filter), tokenizer, args.max_prompt_length, split
+        )
+
+    train_prompts = prompts_of(args.train_split)
+    eval_prompts = prompts_of(args.eval_split) if args.eval_split else []
+    collate = lambda b: collate_prompts(b, tokenizer.pad_token_id)
+    loader = torch.utils.data.DataLoader(train_prompts, batch_size=args.per_device_prompt_batch_size,
+                                         shuffle=True, drop_last=True, collate_fn=collate)  # fmt: skip
     iters_per_epoch = len(train_prompts) // sizes["prompts_per_iteration"]
     if iters_per_epoch == 0:
-        raise DataError(f"{len(train_prompts)} prompts make no full iteration of {args.per_device_prompt_batch_size} "
-                        f"prompts x {accelerator.num_processes} processes")
+        raise DataError(f"{len(train_prompts)} prompts make no full iteration of "
+                        f"{args.per_device_prompt_batch_size} prompts x {accelerator.num_processes} processes")  # fmt: skip
     if args.num_iterations > 0:
         num_iterations = args.num_iterations
     elif args.total_episodes > 0:
@@ -922,72 +808,102 @@ def main(args: Args):
     else:
         num_iterations = math.ceil(args.num_train_epochs * iters_per_epoch)
     resume_from = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    accelerator.print("batch sizes: " + ", ".join(f"{k}={v}" for k, v in sizes.items()) + f", iterations={num_iterations}")
+    error = None
+    if accelerator.is_main_process:  # refuse to mix runs; all processes stop on the same verdict
+        try:
+            prepare_output_dir(args, resume_from)
+        except DataError as e:
+            error = str(e)
+    error = broadcast_object_list([error])[0]
+    if error:
+        raise DataError(error)
+    accelerator.print(
+        ", ".join(f"{k}={v}" for k, v in sizes.items()) + f", iterations={num_iterations}"
+    )
 
-    # ---- models: policy + critic (trained), reference + reward (frozen); dropout off in all four ----
-    frozen_dtype = torch.bfloat16 if args.bf16 else None
-    load = dict(trust_remote_code=args.trust_remote_code)
-    policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **load)
-    # With the reference EMA on, the reference stays in fp32: an EMA step of 0.01 * (policy - ref) is mostly
-    # below bfloat16's resolution and would round to zero, silently switching key factor 3 off.
-    ref_dtype = frozen_dtype if args.ref_ema == 0 else None
-    ref_model = freeze(AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=ref_dtype, **load))
+    # ---- models: policy + critic trained in fp32 (mixed precision from --bf16 autocast or DeepSpeed);
+    # the frozen reward model in bf16 under --bf16; the reference in fp32 when EMA'd (an EMA step of
+    # 0.01 * (policy - ref) is mostly below bfloat16's resolution); dropout off in all four ----
+    frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    ref_dtype = torch.float32 if args.ref_ema > 0 else frozen_dtype
+    trust = args.trust_remote_code
+    policy = disable_dropout(
+        load_pretrained(AutoModelForCausalLM, args.model_name_or_path, torch.float32, trust)
+    )
+    with full_fp32_under_zero3(args.ref_ema > 0):  # ZeRO-3 bf16 would build it in bf16
+        ref_model = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, ref_dtype, trust)
     reward_model = None
     if args.reward_model_name_or_path:
-        reward_model = freeze(AutoModelForSequenceClassification.from_pretrained(
-            args.reward_model_name_or_path, num_labels=1, dtype=frozen_dtype, **load))
-    # Tulu 2.5 App. F: the critic starts from the reward model; with a reward function, from the policy.
-    critic_path = args.value_model_name_or_path or args.reward_model_name_or_path or args.model_name_or_path
-    critic = AutoModelForSequenceClassification.from_pretrained(critic_path, num_labels=1, **load)
+        reward_model = load_pretrained(AutoModelForSequenceClassification, args.reward_model_name_or_path,
+                                       frozen_dtype, trust, num_labels=1)  # fmt: skip
+    # Tulu 2.5 App. F: the critic starts from the reward model; with a reward function, or a reward
+    # model that reads another vocabulary, from the policy with a fresh scalar head.
+    critic_path = args.value_model_name_or_path or args.reward_model_name_or_path
+    if critic_path is None or (
+        args.value_model_name_or_path is None and reward_tokenizer is not None
+    ):
+        if reward_tokenizer is not None:
+            print("the reward model's vocabulary differs from the policy's: the critic starts from the "
+                  "policy with a fresh value head (set --value_model_name_or_path to choose)")  # fmt: skip
+        critic_path = args.model_name_or_path
+    critic = disable_dropout(load_pretrained(AutoModelForSequenceClassification, critic_path, torch.float32,
+                                             trust, num_labels=1))  # fmt: skip
     critic.config.pad_token_id = tokenizer.pad_token_id
+    policy.generation_config = generation_config(tokenizer, args.max_new_tokens, True, args.temperature,
+                                                 args.top_k, args.top_p)  # fmt: skip
     for m in (policy, critic):
-        disable_dropout(m)
         if args.gradient_checkpointing:
             m.gradient_checkpointing_enable()
     model = PolicyAndValue(policy, critic)
-    optimizer = torch.optim.AdamW([{"params": policy.parameters(), "lr": args.learning_rate},
-                                   {"params": critic.parameters(), "lr": args.critic_learning_rate}],
-                                  weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [{"params": policy.parameters(), "lr": args.learning_rate},
+         {"params": critic.parameters(), "lr": args.critic_learning_rate}],
+        weight_decay=args.weight_decay,
+    )  # fmt: skip
+    plugin = (
+        accelerator.state.deepspeed_plugin
+    )  # DeepSpeed clips inside its step, at its config's norm
+    if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
+        plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    iters_per_epoch = min(iters_per_epoch, len(loader))  # the sharded loader's own count (they agree)
-    ref_model.to(accelerator.device)
-    if reward_model is not None:
-        reward_model.to(accelerator.device)
+    if accelerator.gradient_accumulation_steps != ga:
+        raise DataError(f"the DeepSpeed config sets gradient_accumulation_steps="
+                        f"{accelerator.gradient_accumulation_steps}, the script derives {ga} from the batch "
+                        "arguments: set it to 'auto' in the config (or remove it)")  # fmt: skip
+    # Each process draws its own sampling noise (after prepare: the data order stays shared).
+    torch.manual_seed(args.seed + 100003 * accelerator.process_index)
+    ref_model = prepare_frozen(accelerator, ref_model)
+    reward_model = prepare_frozen(accelerator, reward_model) if reward_model is not None else None
+    iters_per_epoch = min(
+        iters_per_epoch, len(loader)
+    )  # the sharded loader's own count (they agree)
     total_optimizer_steps = num_iterations * sizes["optimizer_steps_per_iteration"]
-    scheduler = get_scheduler(args.lr_scheduler, optimizer,
-                              num_warmup_steps=math.ceil(args.warmup_ratio * total_optimizer_steps),
-                              num_training_steps=total_optimizer_steps)
-    value_stats, kl_ctl = RunningMeanStd(), AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
-    # Not prepared, so saved through register_for_checkpointing; the EMA'd reference is training state too.
-    for obj in (scheduler, value_stats, kl_ctl, ref_model):
-        accelerator.register_for_checkpointing(obj)
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_training_steps=total_optimizer_steps,
+                              num_warmup_steps=math.ceil(args.warmup_ratio * total_optimizer_steps))  # fmt: skip
+    value_stats = RunningMeanStd()
     scorer = Scorer(args, tokenizer, accelerator.device, reward_model, reward_tokenizer, reward_fn)
-    generation_config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=True, temperature=args.temperature,
-                                         top_k=args.top_k, top_p=args.top_p, eos_token_id=tokenizer.eos_token_id,
-                                         pad_token_id=tokenizer.pad_token_id, use_cache=True)
-
+    unwrapped = accelerator.unwrap_model(model)
     step, best_score = 0, -math.inf
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        step = json.loads((resume_from / "step.json").read_text())["step"]
-        accelerator.print(f"resumed from {resume_from} at iteration {step}")
-    best_file = Path(args.output_dir) / "best" / "best.json"
-    if args.resume_from_checkpoint and best_file.exists():
-        best_score = json.loads(best_file.read_text())["eval/score"]
-    if accelerator.is_main_process:
-        write_args(args, args.output_dir)
+        state = load_checkpoint(accelerator, resume_from)
+        step, best_score = state["step"], state["best_score"]
+        scheduler.load_state_dict(state["scheduler"])
+        value_stats.load_state_dict(state["value_stats"])
+        load_reference(accelerator, ref_model, resume_from / "reference.safetensors")
     accelerator.init_trackers("ppo", config=asdict(args))
-    log = MetricsLog(accelerator, args.output_dir)
-    dump = os.environ.get("PPO_DUMP_PROCESS_METRICS")  # tests: per-process metrics, to check the reduction
-    unwrapped = accelerator.unwrap_model(model)
-    reduce_sum = lambda t: accelerator.reduce(t, "sum")  # noqa: E731  global rollout-batch statistics
+    log = MetricsLog(accelerator, args.output_dir, step)
+    reduce_sum = lambda t: accelerator.reduce(t, "sum")  # global rollout-batch statistics
 
     # ---- training loop: one iteration = rollout, then PPO updates, then the reference EMA ----
-    bar = tqdm(total=num_iterations, initial=step, disable=not accelerator.is_main_process, desc="ppo")
+    bar = tqdm(
+        total=num_iterations, initial=step, disable=not accelerator.is_main_process, desc="ppo"
+    )
     batches = None
     while step < num_iterations:
         if batches is None or step % iters_per_epoch == 0:
-            loader.set_epoch(step // iters_per_epoch)  # the same prompt order on every process and after a resume
+            loader.set_epoch(
+                step // iters_per_epoch
+            )  # the same prompt order everywhere and on resume
             skip = step % iters_per_epoch
             batches = iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
         batch = next(batches)
@@ -997,130 +913,160 @@ def main(args: Args):
         model.eval()
         prompts = batch["input_ids"].repeat_interleave(args.samples_per_prompt, 0)
         prompt_mask = batch["attention_mask"].repeat_interleave(args.samples_per_prompt, 0)
-        with gathered_for_generation(accelerator, unwrapped.policy):
-            responses = generate(unwrapped.policy, prompts, prompt_mask, generation_config,
-                                 args.local_rollout_forward_batch_size, tokenizer.pad_token_id)
-        responses, response_mask, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        logp, ref_logp, values = rollout_forward(unwrapped, ref_model, prompts, prompt_mask, responses, response_mask,
-                                                 args.local_rollout_forward_batch_size, args.temperature)
-        scores = torch.cat([scorer(prompts[i: i + args.local_rollout_forward_batch_size],
-                                   prompt_mask[i: i + args.local_rollout_forward_batch_size],
-                                   responses[i: i + args.local_rollout_forward_batch_size],
-                                   response_mask[i: i + args.local_rollout_forward_batch_size],
-                                   has_eos[i: i + args.local_rollout_forward_batch_size])
-                            for i in range(0, len(prompts), args.local_rollout_forward_batch_size)])
+        chunk, pad_id = args.local_rollout_forward_batch_size, tokenizer.pad_token_id
+        responses = generate(accelerator, unwrapped.policy, prompts, prompt_mask, policy.generation_config,
+                             chunk, pad_id)  # fmt: skip
+        responses, response_mask, has_eos = truncate_after_eos(
+            responses, tokenizer.eos_token_id, pad_id
+        )
+        # `values` are the critic's raw outputs, in its own (normalized) units
+        logp, ref_logp, values = rollout_forward(accelerator, unwrapped, ref_model, prompts, prompt_mask,
+                                                 responses, response_mask, chunk, args.temperature)  # fmt: skip
+        parts = [slice(i, i + chunk) for i in range(0, len(prompts), chunk)]
+        with accelerator.autocast():
+            scores = torch.cat([scorer(prompts[s], prompt_mask[s], responses[s], response_mask[s], has_eos[s])
+                                for s in parts])  # fmt: skip
         raw_scores = scores
-        scores = apply_missing_eos_penalty(scores, has_eos, args.missing_eos_penalty)  # Tulu 2.5 App. F
+        scores = apply_missing_eos_penalty(
+            scores, has_eos, args.missing_eos_penalty
+        )  # Tulu 2.5 App. F
         # Tulu 2.5 Eq. 4: clipped score on the last token, KL penalty on every token
-        rewards, kl, non_score_reward = compute_rewards(scores, logp, ref_logp, response_mask, kl_ctl.value,
-                                                        args.kl_estimator, args.reward_clip)
+        rewards, kl, non_score_reward = compute_rewards(scores, logp, ref_logp, response_mask, args.kl_coef,
+                                                        args.reward_clip)  # fmt: skip
         mask = response_mask.float()
-        # App. A.2 value normalization: the critic outputs normalized values; GAE needs them in reward units.
-        if args.normalize_value:
-            values = values * value_stats.std + value_stats.mean
-        values = values * mask
-        advantages, returns = compute_advantages(rewards, values, mask, args.gamma, args.lam, args.whiten_advantages,
-                                                 reduce_sum)
-        explained_variance = 1 - (masked_var(returns - values, mask, reduce_sum)
-                                  / masked_var(returns, mask, reduce_sum).clamp(min=1e-8))
+        rollout_sums = reduce_sum(torch.stack([
+            raw_scores.sum(), kl.sum(), (-logp * mask).sum(), non_score_reward.sum(),
+            scores.clamp(-args.reward_clip, args.reward_clip).sum() + non_score_reward.sum(),
+            has_eos.float().sum(), torch.tensor(float(len(scores)), device=scores.device),
+        ]))  # fmt: skip
+        check_finite(rollout_sums, "score or KL", step + 1)
+        # App. A.2 value normalization: GAE needs values in reward units (the statistics before update)
+        old_values = values * mask  # the clip window's centre: the critic's own rollout output
+        values = (
+            values * value_stats.std + value_stats.mean if args.normalize_value else values
+        ) * mask
+        advantages, returns = compute_advantages(rewards, values, mask, args.gamma, args.lam,
+                                                 args.whiten_advantages, reduce_sum)  # fmt: skip
+        explained_variance = 1 - masked_var(returns - values, mask, reduce_sum) / masked_var(
+            returns, mask, reduce_sum
+        ).clamp(min=1e-8)
+        returns_target = (
+            returns  # the critic's targets, in its units: normalized with the new statistics
+        )
         if args.normalize_value:
             value_stats.update(returns, mask, reduce_sum)
             returns_target = (returns - value_stats.mean) / value_stats.std * mask
-            old_values = (values - value_stats.mean) / value_stats.std * mask
-        else:
-            returns_target, old_values = returns, values
         rollout_seconds = time.time() - t0
 
         # ---- PPO update: ppo_epochs x num_minibatches optimizer steps, micro-batches accumulated ----
         t1 = time.time()
         model.train()
-        stats = {k: [] for k in ("policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac")}
-        n_mb, n_micro = sizes["local_minibatch_size"], args.per_device_train_batch_size
-        context_length = prompts.shape[1]
+        # token sums of approxkl, clipfrac, val/clipfrac, loss/policy, loss/value, and the token count
+        update_sums = torch.zeros(6, device=accelerator.device)
+        n_mb, n_micro, R = (
+            sizes["local_minibatch_size"],
+            args.per_device_train_batch_size,
+            responses.shape[1],
+        )
         for _ in range(args.ppo_epochs):
             order = torch.randperm(len(prompts), device=prompts.device)
             for start in range(0, len(prompts), n_mb):
-                mb = order[start: start + n_mb]
-                # Normalize by the response tokens of the whole global minibatch, so 1 process and N processes
-                # (and any accumulation) give the same gradient; DDP averages over processes, hence the factor.
-                n_tokens = accelerator.reduce(mask[mb].sum(), "sum").clamp(min=1)
+                mb = order[start : start + n_mb]
+                # Normalize by the response tokens of the whole global minibatch, so 1 and N processes
+                # (and any accumulation) give the same gradient; DDP averages over processes, hence the
+                # factor num_processes x ga below.
+                n_tokens = reduce_sum(mask[mb].sum()).clamp(min=1)
+                loss_sum = torch.zeros((), device=accelerator.device)
                 for m0 in range(0, n_mb, n_micro):
-                    idx = mb[m0: m0 + n_micro]
+                    idx = mb[m0 : m0 + n_micro]
                     with accelerator.accumulate(model):
                         ids = torch.cat([prompts[idx], responses[idx]], 1)
                         attn = torch.cat([prompt_mask[idx], response_mask[idx]], 1)
-                        logits, new_values = model(ids, attn)
-                        new_logp = response_logprobs(logits, responses[idx], context_length, args.temperature)
-                        new_values = new_values[:, context_length - 1: -1].float()
+                        with accelerator.autocast():
+                            logits, new_values = model(ids, attn, R)
+                        new_logp = response_logprobs(logits, responses[idx], args.temperature)
                         pg_loss, pg_stats = policy_loss(new_logp, logp[idx], advantages[idx], mask[idx],
-                                                        args.clip_range, n_tokens)
-                        vf_loss, vf_stats = value_loss(new_values, old_values[idx], returns_target[idx], mask[idx],
-                                                       args.clip_range_value, n_tokens)
+                                                        args.clip_range, n_tokens)  # fmt: skip
+                        vf_loss, vf_stats = value_loss(new_values, old_values[idx], returns_target[idx],
+                                                       mask[idx], args.clip_range_value, n_tokens)  # fmt: skip
                         loss = pg_loss + args.vf_coef * vf_loss
+                        loss_sum = loss_sum + loss.detach()
+                        if (
+                            m0 + n_micro >= n_mb
+                        ):  # the last micro-batch: DeepSpeed steps inside backward
+                            check_finite(reduce_sum(loss_sum), "loss", step + 1)
                         accelerator.backward(loss * accelerator.num_processes * ga)
                         if accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(unwrapped.policy.parameters(), args.max_grad_norm)
-                            accelerator.clip_grad_norm_(unwrapped.critic.parameters(), args.max_grad_norm)
+                            accelerator.clip_grad_norm_(
+                                unwrapped.policy.parameters(), args.max_grad_norm
+                            )
+                            accelerator.clip_grad_norm_(
+                                unwrapped.critic.parameters(), args.max_grad_norm
+                            )
                             optimizer.step()
                             scheduler.step()
                             optimizer.zero_grad()
-                    share = mask[idx].sum() / mask[mb].sum().clamp(min=1)  # micro-batch share of its minibatch
-                    for k, v in (("policy/approxkl", pg_stats["approxkl"]), ("policy/clipfrac", pg_stats["clipfrac"]),
-                                 ("val/clipfrac", vf_stats["clipfrac"])):
-                        stats[k].append(v * share)
-                    stats["loss/policy"].append(pg_loss.detach() * n_tokens / mask[mb].sum().clamp(min=1))
-                    stats["loss/value"].append(vf_loss.detach() * n_tokens / mask[mb].sum().clamp(min=1))
+                    n = mask[idx].sum()
+                    update_sums += torch.stack([
+                        pg_stats["approxkl"] * n, pg_stats["clipfrac"] * n, vf_stats["clipfrac"] * n,
+                        pg_loss.detach() * n_tokens, vf_loss.detach() * n_tokens, n,
+                    ])  # fmt: skip
         # ---- Sec. 5: reference-model EMA (key factor 3) ----
-        with gathered_for_generation(accelerator, unwrapped.policy):
-            ema_update(ref_model, unwrapped.policy, args.ref_ema)
+        ema_update(ref_model, unwrapped.policy, args.ref_ema, accelerator)
         update_seconds = time.time() - t1
         step += 1
         bar.update(1)
 
-        # ---- metrics: per-process means over the rollout, then the mean over processes ----
-        n_minibatches = sizes["optimizer_steps_per_iteration"]
-        sequence_kl = kl.sum(1)
-        local = {
-            "objective/scores": raw_scores.mean(),
-            "objective/kl": sequence_kl.mean(),
-            "objective/entropy": (-logp * mask).sum(1).mean(),  # sample estimate, summed over tokens
-            "objective/non_score_reward": non_score_reward.sum(1).mean(),
-            "objective/rlhf_reward": (scores.clamp(-args.reward_clip, args.reward_clip) + non_score_reward.sum(1)).mean(),
-            "objective/kl_coef": torch.tensor(kl_ctl.value),
-            **{k: torch.stack(v).sum() / n_minibatches for k, v in stats.items()},
-            "val/explained_variance": explained_variance,
-            "val/num_eos_tokens": has_eos.float().sum(),
-            "time/rollout_seconds": torch.tensor(rollout_seconds),
-            "time/update_seconds": torch.tensor(update_seconds),
-            "memory/peak_gb": torch.tensor(peak_memory_gb(accelerator.device)),
+        # ---- metrics: global sums and counts, divided once ----
+        u = reduce_sum(update_sums).tolist()
+        r = rollout_sums.tolist()
+        n_seq, n_tok = r[6], max(u[5], 1.0)
+        metrics = {
+            "objective/scores": r[0] / n_seq,
+            "objective/kl": r[1]
+            / n_seq,  # per-response sum of the per-token KL, mean over responses
+            "objective/entropy": r[2] / n_seq,  # sample estimate, summed over tokens
+            "objective/non_score_reward": r[3] / n_seq,
+            "objective/rlhf_reward": r[4] / n_seq,
+            "policy/approxkl": u[0] / n_tok,
+            "policy/clipfrac": u[1] / n_tok,
+            "val/clipfrac": u[2] / n_tok,
+            "loss/policy": u[3] / n_tok,
+            "loss/value": u[4] / n_tok,
+            "val/explained_variance": explained_variance.item(),
+            "val/num_eos_tokens": r[5],
+            "episode": step * sizes["rollout_batch_size"],
+            "lr": scheduler.get_last_lr()[0],
+            "eps": sizes["rollout_batch_size"] / max(rollout_seconds + update_seconds, 1e-9),
+            "time/rollout_seconds": rollout_seconds,
+            "time/update_seconds": update_seconds,
+            "memory/peak_gb": peak_memory_gb(accelerator.device),
         }
-        local = {k: v.detach().float().to(accelerator.device) for k, v in local.items()}
-        if dump:
-            with open(Path(args.output_dir) / f"metrics_process{accelerator.process_index}.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, **{k: v.item() for k, v in local.items()}}) + "\n")
-        names = list(local)
-        reduced = accelerator.reduce(torch.stack([local[k] for k in names]), "mean")
-        metrics = dict(zip(names, reduced.tolist()))
-        metrics["val/num_eos_tokens"] *= accelerator.num_processes  # a count over the global rollout batch
-        kl_ctl.update(metrics["objective/kl"], sizes["rollout_batch_size"])
-        metrics.update({"episode": step * sizes["rollout_batch_size"], "lr": scheduler.get_last_lr()[0],
-                        "eps": sizes["rollout_batch_size"] / max(rollout_seconds + update_seconds, 1e-9)})
         if step % args.logging_steps == 0 or step == num_iterations:
             log.log(metrics, step)
-        bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}",
-                        eps=f"{metrics['eps']:.0f}")
+        bar.set_postfix(
+            score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}"
+        )
 
-        # ---- evaluation, best checkpoint (the paper selects the checkpoint with the best validation reward) ----
+        # ---- evaluation, best checkpoint (the paper selects the best validation reward) ----
         if eval_prompts and (step % args.eval_steps == 0 or step == num_iterations):
-            eval_metrics = evaluate(accelerator, model, ref_model, scorer, eval_prompts, tokenizer, args, step)
+            eval_metrics = evaluate(
+                accelerator, model, ref_model, scorer, eval_prompts, tokenizer, args, step
+            )
+            check_finite(torch.tensor(eval_metrics["eval/score"]), "eval/score", step)
             log.log(eval_metrics, step)
             if eval_metrics["eval/score"] > best_score:
                 best_score = eval_metrics["eval/score"]
                 save_policy(accelerator, model, tokenizer, Path(args.output_dir) / "best")
                 if accelerator.is_main_process:
+                    best_file = Path(args.output_dir) / "best" / "best.json"
                     best_file.write_text(json.dumps({"step": step, **eval_metrics}))
         if args.save_steps > 0 and step % args.save_steps == 0 and step < num_iterations:
-            save_checkpoint(accelerator, args.output_dir, step)
+            state = {"scheduler": scheduler.state_dict(), "value_stats": value_stats.state_dict(),
+                     "best_score": best_score}  # fmt: skip
+            save_checkpoint(accelerator, args.output_dir, step, state)
+            ckpt = Path(args.output_dir) / "checkpoints" / f"step_{step}"
+            save_reference(accelerator, ref_model, ckpt / "reference.safetensors")
     bar.close()
 
     # ---- save ----
@@ -1128,8 +1074,540 @@ def main(args: Args):
     accelerator.end_training()
 
 
+# ---- shared helpers: identical in every script that has them (tests/test_shared_helpers.py) ----
+
+
+class DataError(ValueError):
+    """Bad input or a run that must stop: reported as one `error:` line, never a traceback."""
+
+
+def load_split(name: str, config: Optional[str], split: str) -> Dataset:
+    """A hub dataset, or local .json/.jsonl/.parquet file(s); a directory's files are named by split."""
+    path = Path(name)
+    if (
+        path.suffix in (".json", ".jsonl", ".parquet")
+        or path.exists()
+        or name.startswith((".", "/", "~"))
+    ):
+        if not path.exists():
+            raise DataError(f"{name}: no such file")
+        files = (
+            sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl", ".parquet"))
+            if path.is_dir()
+            else [path]
+        )
+        if not files or all(f.stat().st_size == 0 for f in files):
+            raise DataError(f"{name}: no data (empty file or no .json/.jsonl/.parquet files)")
+        data_files = {f.stem: str(f) for f in files} if path.is_dir() else {"train": str(path)}
+        builder = "parquet" if files[0].suffix == ".parquet" else "json"
+        try:
+            ds = load_dataset(builder, data_files=data_files, split=split)
+        except (
+            Exception
+        ) as e:  # unknown split, unreadable or malformed file (DatasetGenerationError)
+            cause = " ".join(str(e.__cause__ or e).split())[:200]
+            raise DataError(f"{name}: cannot load split '{split}' ({cause})") from None
+    else:
+        try:
+            ds = load_dataset(name, config, split=split)
+        except Exception as e:  # offline, unknown id, unknown split: one line, not a traceback
+            raise DataError(
+                f"dataset {name!r}: cannot load split '{split}' ({str(e).splitlines()[0][:200]})"
+            ) from None
+    if len(ds) == 0:
+        raise DataError(f"{name} split '{split}' is empty")
+    return ds
+
+
+def check_text(value, column: str, row: int, messages_ok: bool = True):
+    """A text field must be a string (or, where chat data is allowed, a list of {role, content} messages)."""
+    if isinstance(value, str):
+        return
+    if (
+        messages_ok
+        and isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in value
+        )
+    ):
+        return
+    expected = "a string or a list of {role, content} messages" if messages_ok else "a string"
+    raise DataError(
+        f"row {row}, column '{column}': expected {expected}, found {type(value).__name__} {str(value)[:40]!r}"
+    )
+
+
+def split_hh_transcript(chosen: str, rejected: str):
+    """HH-RLHF: the prompt is the shared text up to and including the last '\\n\\nAssistant:'."""
+    marker = "\n\nAssistant:"
+    cut = chosen.rfind(marker)
+    if cut < 0:
+        raise DataError(f"HH-RLHF transcript without '{marker.strip()}': {chosen[:60]!r}")
+    prompt = chosen[: cut + len(marker)]
+    if not rejected.startswith(prompt):
+        raise DataError(
+            f"HH-RLHF pair whose transcripts diverge before the last turn: {prompt[:60]!r}"
+        )
+    return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
+
+
+SAFERLHF_COLUMNS = [
+    "prompt",
+    "response_0",
+    "response_1",
+    "better_response_id",
+    "safer_response_id",
+    "is_response_0_safe",
+    "is_response_1_safe",
+]
+
+
+def to_preference(ds: Dataset, filter: str = "none") -> Dataset:
+    """Any preference shape of DESIGN section 4 -> columns prompt, chosen, rejected (types checked per row)."""
+    cols = set(ds.column_names)
+    if {"response_0", "response_1"} <= cols:
+        missing = [c for c in SAFERLHF_COLUMNS if c not in cols]
+        if missing:
+            raise DataError(f"SafeRLHF-style data (response_0/response_1) lacks columns {missing}")
+        for i, row in enumerate(ds.select_columns(SAFERLHF_COLUMNS)):
+            for c in ("prompt", "response_0", "response_1"):
+                check_text(row[c], c, i)
+            for c in ("better_response_id", "safer_response_id"):
+                if row[c] not in (0, 1) or isinstance(row[c], bool):
+                    raise DataError(f"row {i}, column '{c}': expected 0 or 1, found {row[c]!r}")
+            for c in ("is_response_0_safe", "is_response_1_safe"):
+                if not isinstance(row[c], bool):
+                    raise DataError(
+                        f"row {i}, column '{c}': expected true or false, found {row[c]!r}"
+                    )
+
+        # Paper Sec. 4.3: prefer the safer response when safety differs, else the more helpful one.
+        def saferlhf(row):
+            safe = (row["is_response_0_safe"], row["is_response_1_safe"])
+            win = row["safer_response_id"] if safe[0] != safe[1] else row["better_response_id"]
+            return {
+                "prompt": row["prompt"],
+                "chosen": row[f"response_{win}"],
+                "rejected": row[f"response_{1 - win}"],
+            }
+
+        keep = {
+            "none": lambda r: True,
+            "dual_safe": lambda r: not (r["is_response_0_safe"] and r["is_response_1_safe"]),
+            "dual_unsafe": lambda r: r["is_response_0_safe"] or r["is_response_1_safe"],
+        }[filter]
+        n = len(ds)
+        ds = ds.filter(keep)
+        print(f"SafeRLHF construction: kept {len(ds)} of {n} pairs (filter={filter})")
+        ds = ds.map(saferlhf, remove_columns=ds.column_names)
+    elif {"prompt", "chosen", "rejected"} <= cols:
+        ds = ds.select_columns(["prompt", "chosen", "rejected"])
+        for i, row in enumerate(ds):
+            for c in ("prompt", "chosen", "rejected"):
+                check_text(row[c], c, i)
+    elif {"chosen", "rejected"} <= cols:
+        for i, row in enumerate(ds.select_columns(["chosen", "rejected"])):
+            for c in ("chosen", "rejected"):
+                check_text(row[c], c, i, messages_ok=False)
+
+        def hh(row):
+            prompt, chosen, rejected = split_hh_transcript(row["chosen"], row["rejected"])
+            return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+        ds = ds.map(hh, remove_columns=ds.column_names)
+    else:
+        raise DataError(
+            f"dataset has columns {sorted(cols)}; expected one of: prompt+chosen+rejected, "
+            "chosen+rejected (HH-RLHF), prompt+response_0+response_1+better_response_id+safer_response_id"
+        )
+    if len(ds) == 0:
+        raise DataError("no preference pairs left after filtering")
+    return ds
+
+
+def render_chat(tokenizer, messages, add_generation_prompt=False) -> str:
+    if tokenizer.chat_template is None:
+        raise DataError("conversational data needs a tokenizer with a chat template")
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def encode_prompt(tokenizer, prompt) -> list:
+    """Prompt token ids: a string as is (with the tokenizer's special tokens), messages via the chat template."""
+    if isinstance(prompt, list):
+        return tokenizer(
+            render_chat(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False
+        ).input_ids
+    return tokenizer(prompt).input_ids
+
+
+def pad(seqs: list, value, side: str = "right") -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    rows = [
+        [value] * (width - len(s)) + list(s)
+        if side == "left"
+        else list(s) + [value] * (width - len(s))
+        for s in seqs
+    ]
+    return torch.tensor(rows)
+
+
+def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, so left padding does not shift absolute position embeddings."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] without materializing the full log-softmax (logit - logsumexp)."""
+    logits = logits.float()
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token, from the attention mask (left or right padding, pad == EOS)."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(-1)
+
+
+def score_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The scalar head of an AutoModelForSequenceClassification (num_labels=1) at every token: [B, T].
+    HF's own pooling finds the last token from pad_token_id, which breaks when pad == EOS, so we run the
+    backbone and apply the head ourselves; callers pick positions from the attention mask."""
+    model = getattr(model, "module", model)  # DDP / DeepSpeed wrapper
+    hidden = model.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    return model.score(hidden).squeeze(-1)
+
+
+def check_model_path(path: str, what: str = "model"):
+    """A local path that does not exist is a typo, not a hub id: say so before anything loads."""
+    if not Path(path).exists() and (
+        path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith("/")
+    ):
+        raise DataError(f"{what} {path}: no such directory")
+
+
+def load_pretrained(cls, path: str, dtype: torch.dtype, trust_remote_code: bool, **kwargs):
+    """from_pretrained with an explicit dtype: transformers 5 otherwise keeps the checkpoint's (a bf16
+    checkpoint would train in pure bf16); a path or hub id that cannot be loaded is one error line."""
+    check_model_path(path)
+    try:
+        return cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as e:
+        raise DataError(
+            f"cannot load a model from {path!r}: {str(e).splitlines()[0][:200]}"
+        ) from None
+
+
+def load_tokenizer(args):
+    path = args.tokenizer_name_or_path or args.model_name_or_path
+    check_model_path(path, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    except OSError as e:  # offline hub id, a directory without a tokenizer
+        raise DataError(
+            f"cannot load a tokenizer from {path!r}: {str(e).splitlines()[0][:200]}"
+        ) from None
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token; completions must end in EOS")
+    if tokenizer.pad_token_id is None:
+        # Sequence ends are found from the attention mask, never from pad ids, so EOS-as-pad is safe.
+        print(
+            "tokenizer has no pad token: using EOS as pad (ends are found from the attention mask)"
+        )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def disable_dropout(model: torch.nn.Module):
+    """Dropout off in every module and in the config: nn.Dropout modules, and the functional rates that
+    attention reads from a float attribute (Llama, Qwen2, GPT-NeoX `attention_dropout`)."""
+    for key, value in model.config.to_dict().items():
+        if "drop" in key and isinstance(value, float):
+            setattr(model.config, key, 0.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for attr in ("attention_dropout", "dropout", "attn_dropout"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+    return model
+
+
+def check_finite(value: torch.Tensor, what: str, step: int):
+    """DESIGN section 4: a non-finite loss, score or reward stops the run before it reaches the weights;
+    checkpoints already written stay as they are. Call it on a value every process shares (reduced)."""
+    if not torch.isfinite(value).all():
+        raise DataError(
+            f"non-finite {what} at step {step}: stopping; nothing more is saved "
+            "(the last checkpoint, if any, is kept)"
+        )
+
+
+def generation_config(
+    tokenizer,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> GenerationConfig:
+    """Exactly the sampling the log-probabilities assume. Passed to generate() and set on the model, so
+    nothing from the checkpoint's generation_config.json (repetition_penalty, no_repeat_ngram_size...)
+    leaks into sampling."""
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        do_sample=do_sample,
+        # greedy: the defaults (a greedy config with top_k=0 warns, and save_pretrained refuses it)
+        **({"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}),
+        min_p=None,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        bad_words_ids=None,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+    )
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logging step, written by the main process, flushed as written.
+    On resume from step N, rows after N (written by the run that was interrupted) are dropped first."""
+
+    def __init__(self, accelerator, output_dir, resume_step: int = 0):
+        self.accelerator = accelerator
+        self.file = None
+        if accelerator.is_main_process:
+            path = Path(output_dir) / "metrics.jsonl"
+            rows = path.read_text().splitlines() if resume_step and path.exists() else []
+            self.file = open(path, "w")
+            for line in rows:
+                if json.loads(line)["step"] <= resume_step:
+                    self.file.write(line + "\n")
+            self.file.flush()
+
+    def log(self, metrics: dict, step: int):
+        metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
+        self.accelerator.log(metrics, step=step)
+        if self.file:
+            self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.file.flush()
+
+
+RESUME_MAY_CHANGE = {
+    "max_steps",
+    "num_train_epochs",
+    "num_iterations",
+    "total_episodes",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "resume_from_checkpoint",
+    "overwrite_output_dir",
+    "report_to",
+}
+
+
+def prepare_output_dir(args, resume_from: Optional[Path]):
+    """Refuse to mix runs: a directory that holds a run needs --overwrite_output_dir (which clears it) or a
+    resume; a resume must use the saved arguments, apart from the step budget and logging. Main process."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output_dir {out} is a file")
+    saved = out / "args.json"
+    if resume_from is not None and saved.exists():
+        old, new = json.loads(saved.read_text()), asdict(args)
+        differ = sorted(k for k in new if k not in RESUME_MAY_CHANGE and old.get(k) != new[k])
+        if differ:
+            raise DataError(f"resume with arguments that differ from {saved}: {', '.join(differ)}")
+    elif resume_from is None and saved.exists():
+        if not args.overwrite_output_dir:
+            raise DataError(
+                f"{out} already holds a run; pass --overwrite_output_dir, "
+                "--resume_from_checkpoint latest, or another --output_dir"
+            )
+        for name in ("checkpoints", "metrics.jsonl", "samples.jsonl", "best"):
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            elif (out / name).exists():
+                (out / name).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(asdict(args), indent=2))
+
+
+def save_checkpoint(accelerator, output_dir, step: int, state: dict):
+    """output_dir/checkpoints/step_N: accelerate's model, optimizer and RNG state, plus our own `state`
+    (step, scheduler, running statistics) as JSON in step.json, never pickled. Written under a
+    temporary name and renamed when complete, so a run killed while saving never leaves a half-written
+    checkpoint that 'latest' would pick."""
+    final = Path(output_dir) / "checkpoints" / f"step_{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process has written its part (RNG state) before the rename
+    if accelerator.is_main_process:
+        (tmp / "step.json").write_text(json.dumps({"step": step, **state}))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+
+
+def find_checkpoint(output_dir, resume_from_checkpoint: Optional[str]) -> Optional[Path]:
+    """None, 'latest' (the newest complete output_dir/checkpoints/step_N) or a path to a checkpoint."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint != "latest":
+        path = Path(resume_from_checkpoint)
+        if not (path / "step.json").exists():
+            raise DataError(f"{path}: not a complete checkpoint (no step.json)")
+        return path
+    done = [
+        p
+        for p in (Path(output_dir) / "checkpoints").glob("step_*")
+        if p.name.split("_")[1].isdigit() and (p / "step.json").exists()
+    ]
+    if not done:
+        raise DataError(
+            f"--resume_from_checkpoint latest: no checkpoint in {Path(output_dir) / 'checkpoints'}"
+        )
+    return max(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def load_checkpoint(accelerator, path: Path) -> dict:
+    """Restore accelerate's state from a checkpoint and return our own state (step.json)."""
+    try:
+        state = json.loads((path / "step.json").read_text())
+        accelerator.load_state(str(path))
+    except Exception as e:  # a corrupt or truncated checkpoint: one line, nothing changed on disk
+        raise DataError(
+            f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
+    accelerator.print(f"resumed from {path} at step {state['step']}")
+    return state
+
+
+def prepare_frozen(accelerator, model):
+    """Frozen models (reference, reward): eval mode, no gradients, no optimizer, on the device. Under
+    ZeRO-3, from_pretrained already partitioned them (the Accelerator installs DeepSpeed's config), so
+    they get an inference engine of their own, which gathers each layer's weights in forward."""
+    model = disable_dropout(model).eval().requires_grad_(False)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return model.to(accelerator.device)
+    import deepspeed  # only needed (and only importable) under DeepSpeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": next(model.parameters()).dtype == torch.bfloat16},
+    }
+    engine = deepspeed.initialize(model=model, config=config)[0]
+    engine.eval()  # (returns None, unlike nn.Module.eval)
+    return engine
+
+
+def check_reward_model(path: str, trust_remote_code: bool):
+    """Before anything loads: the path must hold a trained reward model (a *ForSequenceClassification
+    with one output, as reward_model.py saves), not e.g. the SFT model, whose missing `score` head
+    transformers would silently initialize at random."""
+    check_model_path(path, "reward model")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise DataError(
+            f"cannot load a reward model from {path!r}: {str(e).splitlines()[0][:200]}"
+        ) from None
+    architectures = config.architectures or []
+    if (
+        not any(a.endswith("ForSequenceClassification") for a in architectures)
+        or config.num_labels != 1
+    ):
+        raise DataError(
+            f"{path} is not a reward model (architectures {architectures}, num_labels "
+            f"{config.num_labels}); train one with reward_model.py"
+        )
+
+
+def load_reward_fn(spec: str):
+    """'path/to/file.py:function' -> the function, loaded with importlib (it runs that file's code)."""
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name:
+        raise DataError(f"--reward_fn {spec!r}: expected 'path/to/file.py:function'")
+    if not Path(path).is_file():
+        raise DataError(f"--reward_fn {spec!r}: no such file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"reward_fn_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # a broken file is bad input, reported in one line
+        raise DataError(
+            f"--reward_fn {spec!r}: cannot import {path} ({type(e).__name__}: {e})"
+        ) from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise DataError(f"--reward_fn {spec!r}: {path} has no function {name!r}")
+    return fn
+
+
+def call_reward_fn(fn, prompts: list, completions: list, finished: list) -> list:
+    """fn(prompts, completions) -> one number per completion. A function that takes a `finished` keyword
+    also gets, per completion, whether it ended in EOS (completions are decoded without special tokens,
+    so the text alone cannot tell a truncated answer from a finished one)."""
+    kwargs = {"finished": finished} if "finished" in inspect.signature(fn).parameters else {}
+    scores = fn(prompts, completions, **kwargs)
+    try:
+        scores = [float(s) for s in scores]
+    except (TypeError, ValueError):
+        raise DataError(
+            f"--reward_fn must return a list of numbers; it returned {type(scores).__name__}"
+        ) from None
+    if len(scores) != len(completions):
+        raise DataError(
+            f"--reward_fn returned {len(scores)} scores for {len(completions)} completions"
+        )
+    bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+    if bad:
+        raise DataError(
+            f"--reward_fn returned a non-finite score ({scores[bad[0]]}) for {len(bad)} of "
+            f"{len(scores)} completions, e.g. {completions[bad[0]][:40]!r}"
+        )
+    return scores
+
+
+def apply_missing_eos_penalty(
+    scores: torch.Tensor, finished: torch.Tensor, penalty: Optional[float]
+) -> torch.Tensor:
+    """Tulu 2.5 App. F, the EOS trick: a response that did not end in EOS within the token budget gets
+    `penalty` as its score instead of the labeller's (None: no penalty)."""
+    if penalty is None:
+        return scores
+    return torch.where(finished.bool(), scores, torch.full_like(scores, penalty))
+
+
 if __name__ == "__main__":
     try:
         main(tyro.cli(Args))
     except DataError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(
+            "interrupted: continue from the last checkpoint with --resume_from_checkpoint latest"
+        )
