@@ -1230,14 +1230,22 @@ def call(fn, *args):
         raise RuntimeError(f"{fn.__name__}{args[1:]}: {e}") from None
 
 
-def run_all(pool, tasks: list, on_done=None) -> list:
+def run_all(pool, tasks: list, on_done=None, failed: list | None = None) -> list:
+    """Run the tasks on the pool. With `failed`, a task whose stage fails is listed there (one line)
+    and the others go on (the study's cells); without it, the first failure stops the study."""
     futures = {pool.submit(call, *t): i for i, t in enumerate(tasks)}
     results = [None] * len(tasks)
     pending = set(futures)
     while pending:
         finished, pending = wait(pending, return_when=FIRST_COMPLETED)
         for f in finished:
-            results[futures[f]] = f.result()
+            try:
+                results[futures[f]] = f.result()
+            except RuntimeError as e:
+                if failed is None:
+                    raise
+                failed.append(str(e))
+                print(f"cell failed: {e}", flush=True)
             if on_done:
                 on_done()
     return results
@@ -1326,12 +1334,16 @@ def main(a: Args):
             if not cell_path(a, *j[2:]).exists()
             and not (j[2] == "main" and cell_path(a, "main", j[3], j[4], j[5], "final").exists())
         ]
+        failed: list = []
         run_all(
             pool,
             [(final_cell, *j[1:]) if j[2] == "main" else j for j in jobs],
             on_done=lambda: write_report(a, extra, time.time() - start, final=False),
+            failed=failed,
         )
-    write_report(a, extra, time.time() - start, final=True)
+    write_report(a, extra, time.time() - start, final=not failed)
+    if failed:
+        raise StudyError(f"{len(failed)} cells failed (run again to retry them), e.g. {failed[0]}")
     print(f"[{time.time() - start:6.0f}s] done: {Path(a.results_dir) / 'results.md'}", flush=True)
 
 
