@@ -568,7 +568,9 @@ def to_prompts(ds: Dataset, filter: str = "none") -> list:
         prompts = []
         for i, messages in enumerate(ds["messages"]):
             if isinstance(messages, str):  # check_text accepts a string: messages must be a list
-                raise DataError(f"row {i}, column 'messages': expected a list of {{role, content}} messages, found str")
+                raise DataError(
+                    f"row {i}, column 'messages': expected a list of {{role, content}} messages, found str"
+                )
             check_text(messages, "messages", i)
             last = max(
                 (j for j, m in enumerate(messages) if m["role"] == "assistant"),
@@ -1045,7 +1047,7 @@ def main(args: Args):
                 ref_model,
                 train,
                 evals,
-                step,
+                0,  # global step numbers start at 0; a resume continues from its checkpoint's
                 resume_from,
                 save_to=(args.output_dir,),
             )
@@ -1472,9 +1474,8 @@ def generation_config(
         max_new_tokens=max_new_tokens,
         min_new_tokens=0,
         do_sample=do_sample,
-        temperature=temperature if do_sample else 1.0,
-        top_k=top_k if do_sample else 0,
-        top_p=top_p if do_sample else 1.0,
+        # greedy: the defaults (a greedy config with top_k=0 warns, and save_pretrained refuses it)
+        **({"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}),
         min_p=None,
         typical_p=1.0,
         repetition_penalty=1.0,
@@ -1525,6 +1526,7 @@ RESUME_MAY_CHANGE = {
     "resume_from_checkpoint",
     "overwrite_output_dir",
     "report_to",
+    "output_dir",  # a run directory that was moved or copied still resumes
 }
 
 
@@ -1575,6 +1577,7 @@ def save_checkpoint(accelerator, output_dir, step: int, state: dict):
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process has written its part (RNG state) before the rename
     if accelerator.is_main_process:
         (tmp / "step.json").write_text(json.dumps({"step": step, **state}))
         if final.exists():

@@ -29,8 +29,12 @@ def test_dpo_loss_types_against_hand_computed_values():
     args = (t(-1.0), t(-2.0), t(-1.5), t(-1.0))
     beta = 0.5
     losses, chosen, rejected = dpo.dpo_loss(*args, beta=beta, loss_type="sigmoid")
-    assert losses.item() == pytest.approx(math.log(1 + math.exp(-0.75)), abs=1e-12)  # -log sigmoid(beta * h)
-    assert chosen.item() == pytest.approx(0.25) and rejected.item() == pytest.approx(-0.5)  # beta * (pi - ref)
+    assert losses.item() == pytest.approx(
+        math.log(1 + math.exp(-0.75)), abs=1e-12
+    )  # -log sigmoid(beta * h)
+    assert chosen.item() == pytest.approx(0.25) and rejected.item() == pytest.approx(
+        -0.5
+    )  # beta * (pi - ref)
     losses, _, _ = dpo.dpo_loss(*args, beta=beta, loss_type="ipo")
     assert losses.item() == pytest.approx((1.5 - 1 / (2 * beta)) ** 2)  # (h - 1/(2 beta))^2 = 0.25
     # conservative DPO is the sigmoid loss with label smoothing (no separate loss type)
@@ -46,12 +50,20 @@ def test_dpo_loss_types_against_hand_computed_values():
 
 def test_table1_stateless_case_loss_is_log_1_plus_b_over_a_to_the_beta():
     # Sec. 4.1, Table 1: pi_ref(y1) = pi_ref(y2) = 0.5, one pair y1 > y2, the policy puts a on y1 and b on y2.
-    for a, b, beta in [(0.5, 0.5, 0.1), (0.1, 0.0001, 0.1), (0.7, 0.2, 0.5), (0.2, 0.7, 1.0), (0.1, 1e-12, 0.1)]:
+    for a, b, beta in [
+        (0.5, 0.5, 0.1),
+        (0.1, 0.0001, 0.1),
+        (0.7, 0.2, 0.5),
+        (0.2, 0.7, 1.0),
+        (0.1, 1e-12, 0.1),
+    ]:
         ref = t(math.log(0.5))
         loss, _, _ = dpo.dpo_loss(t(math.log(a)), t(math.log(b)), ref, ref, beta=beta)
         assert loss.item() == pytest.approx(math.log(1 + (b / a) ** beta), rel=1e-9)
     # b -> 0 minimizes the loss whatever a is: pi_DPO = (0.1, 0, 0.9) of Table 1 is a minimizer
-    loss, _, _ = dpo.dpo_loss(t(math.log(0.1)), t(-1e4), t(math.log(0.5)), t(math.log(0.5)), beta=0.1)
+    loss, _, _ = dpo.dpo_loss(
+        t(math.log(0.1)), t(-1e4), t(math.log(0.5)), t(math.log(0.5)), beta=0.1
+    )
     assert loss.item() < 1e-30
 
 
@@ -83,12 +95,26 @@ def test_sequence_logps_sums_completion_tokens_only():
 
 def test_concatenated_forward_equals_two_separate_forwards(tok, tiny_models):
     prompt = dpo.encode_prompt(tok, "Q: What is 2 + 2?\nA:")
-    pairs = [dpo.make_pair(prompt, dpo.encode_completion(tok, "", " It is 4."),
-                           dpo.encode_completion(tok, "", " I really do not know, sorry."), 64, None)[0],
-             dpo.make_pair(prompt[:3], dpo.encode_completion(tok, "", " Four, of course it is four."),
-                           dpo.encode_completion(tok, "", " 5"), 64, None)[0]]
+    pairs = [
+        dpo.make_pair(
+            prompt,
+            dpo.encode_completion(tok, "", " It is 4."),
+            dpo.encode_completion(tok, "", " I really do not know, sorry."),
+            64,
+            None,
+        )[0],
+        dpo.make_pair(
+            prompt[:3],
+            dpo.encode_completion(tok, "", " Four, of course it is four."),
+            dpo.encode_completion(tok, "", " 5"),
+            64,
+            None,
+        )[0],
+    ]
     batch = dpo.collate_pairs(pairs, tok.pad_token_id)
-    assert batch["input_ids"].shape[0] == 4 and batch["completion_mask"][0].sum() == len(pairs[0]["chosen_mask"]) - len(prompt)
+    assert batch["input_ids"].shape[0] == 4 and batch["completion_mask"][0].sum() == len(
+        pairs[0]["chosen_mask"]
+    ) - len(prompt)
     for arch in ("llama", "gpt2"):  # gpt2: absolute positions
         model = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
         with torch.no_grad():
@@ -97,7 +123,9 @@ def test_concatenated_forward_equals_two_separate_forwards(tok, tiny_models):
                 # each sequence alone, unpadded
                 for i, p in enumerate(pairs):
                     ids = torch.tensor([p[f"{side}_input_ids"]])
-                    alone = dpo.sequence_logps(model(ids).logits, ids, torch.tensor([p[f"{side}_mask"]]))
+                    alone = dpo.sequence_logps(
+                        model(ids).logits, ids, torch.tensor([p[f"{side}_mask"]])
+                    )
                     assert got[i].item() == pytest.approx(alone.item(), abs=1e-4), (arch, side, i)
 
 
@@ -105,48 +133,89 @@ def test_concatenated_forward_equals_two_separate_forwards(tok, tiny_models):
 
 
 def test_every_preference_shape_gives_prompt_chosen_rejected(tok, data_files):
-    expect = {"preference": ("Q: What is 2 + 2?\nA:", " It is 4.<|endoftext|>", " I do not know.<|endoftext|>"),
-              "preference_messages": ("<|user|>\nWhat is 2 + 2?\n<|assistant|>\n", "It is 4.<|endoftext|>",
-                                      "I do not know.<|endoftext|>"),
-              "hh": ("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: What is 2 + 2?\n\nAssistant:",
-                     " It is 4.<|endoftext|>", " I do not know.<|endoftext|>")}
+    expect = {
+        "preference": (
+            "Q: What is 2 + 2?\nA:",
+            " It is 4.<|endoftext|>",
+            " I do not know.<|endoftext|>",
+        ),
+        "preference_messages": (
+            "<|user|>\nWhat is 2 + 2?\n<|assistant|>\n",
+            "It is 4.<|endoftext|>",
+            "I do not know.<|endoftext|>",
+        ),
+        "hh": (
+            "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: What is 2 + 2?\n\nAssistant:",
+            " It is 4.<|endoftext|>",
+            " I do not know.<|endoftext|>",
+        ),
+    }
     for shape, (prompt, chosen, rejected) in expect.items():
-        pair = dpo.tokenize_preference(dpo.to_preference(dpo.load_split(data_files[shape], None, "train")),
-                                       tok, 512, None, shape)[0]
+        pair = dpo.tokenize_preference(
+            dpo.to_preference(dpo.load_split(data_files[shape], None, "train")),
+            tok,
+            512,
+            None,
+            shape,
+        )[0]
         n = pair["chosen_mask"].index(1)
         assert tok.decode(pair["chosen_input_ids"][:n]) == prompt, shape
         assert tok.decode(pair["rejected_input_ids"][:n]) == prompt, shape
-        assert tok.decode(pair["chosen_input_ids"][n:]) == chosen and sum(pair["chosen_mask"][:n]) == 0, shape
+        assert (
+            tok.decode(pair["chosen_input_ids"][n:]) == chosen and sum(pair["chosen_mask"][:n]) == 0
+        ), shape
         assert tok.decode(pair["rejected_input_ids"][n:]) == rejected, shape
     # SafeRLHF: Sec. 4.3 construction with the Table 2 filters (dual-safe / dual-unsafe dropped)
     ds = dpo.load_split(data_files["saferlhf"], None, "train")
-    assert [len(dpo.to_preference(ds, f)) for f in ("none", "dual_safe", "dual_unsafe")] == [8, 6, 6]
+    assert [len(dpo.to_preference(ds, f)) for f in ("none", "dual_safe", "dual_unsafe")] == [
+        8,
+        6,
+        6,
+    ]
 
 
 def test_truncation_keeps_prompt_end_and_response_start(tok, capsys):
     pair, truncated = dpo.make_pair([1, 2, 3, 4], [5, 6, 7], [8, 9], 5, 2)
-    assert truncated and pair["chosen_input_ids"] == [3, 4, 5, 6, 7] and pair["rejected_input_ids"] == [3, 4, 8, 9]
+    assert (
+        truncated
+        and pair["chosen_input_ids"] == [3, 4, 5, 6, 7]
+        and pair["rejected_input_ids"] == [3, 4, 8, 9]
+    )
     assert pair["chosen_mask"] == [0, 0, 1, 1, 1]
     assert dpo.make_pair([1, 2, 3, 4], [5], [6], 4, None) is None
-    ds = dpo.Dataset.from_list([{"prompt": "word " * 100, "chosen": " a", "rejected": " b"},
-                                {"prompt": "Q: hi", "chosen": " a", "rejected": " b"}])
+    ds = dpo.Dataset.from_list(
+        [
+            {"prompt": "word " * 100, "chosen": " a", "rejected": " b"},
+            {"prompt": "Q: hi", "chosen": " a", "rejected": " b"},
+        ]
+    )
     assert len(dpo.tokenize_preference(ds, tok, 20, None, "train")) == 1
     assert "train: 1 pairs, 0 truncated, 1 dropped" in capsys.readouterr().out
 
 
 def test_prompt_sources_for_dpo_iter(data_files):
-    prompts = {s: dpo.to_prompts(dpo.load_split(data_files[s], None, "train"))[0]
-               for s in ("prompts", "preference", "hh", "messages", "saferlhf", "preference_messages")}
+    prompts = {
+        s: dpo.to_prompts(dpo.load_split(data_files[s], None, "train"))[0]
+        for s in ("prompts", "preference", "hh", "messages", "saferlhf", "preference_messages")
+    }
     assert prompts["prompts"] == prompts["preference"] == "Q: What is 2 + 2?\nA:"
     assert prompts["hh"].endswith("What is 2 + 2?\n\nAssistant:")
-    assert prompts["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
-                                   {"role": "assistant", "content": "It is 4."}, {"role": "user", "content": "Thanks."}]
+    assert prompts["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "It is 4."},
+        {"role": "user", "content": "Thanks."},
+    ]
     assert prompts["saferlhf"] == "What is 2 + 2?"
     assert prompts["preference_messages"] == [{"role": "user", "content": "What is 2 + 2?"}]
 
 
 def test_best_worst_pairs_skip_ties():
-    assert dpo.best_worst_pairs([1.0, 3.0, 2.0, 5.0, 5.0, 5.0, 0.0, -1.0, 0.5], 3) == [(1, 0), None, (8, 7)]
+    assert dpo.best_worst_pairs([1.0, 3.0, 2.0, 5.0, 5.0, 5.0, 0.0, -1.0, 0.5], 3) == [
+        (1, 0),
+        None,
+        (8, 7),
+    ]
     assert dpo.first_eos_cut([4, 5, 0, 0, 0], 0) == ([4, 5, 0], True)
     assert dpo.first_eos_cut([4, 5, 6], 0) == ([4, 5, 6], False)
 
@@ -157,34 +226,51 @@ def test_reward_model_inputs_retokenize_when_vocabularies_differ(tok):
     prompt_ids = dpo.encode_prompt(tok, "Q: hi\nA:")
     response = tok(" Paris.", add_special_tokens=False).input_ids + [tok.eos_token_id]
     # the same vocabulary: the sampled ids as they are
-    assert dpo.reward_model_inputs(tok, tok, "Q: hi\nA:", prompt_ids, response, True) == prompt_ids + response
+    assert (
+        dpo.reward_model_inputs(tok, tok, "Q: hi\nA:", prompt_ids, response, True)
+        == prompt_ids + response
+    )
     ids = dpo.reward_model_inputs(tok, other, "Q: hi\nA:", prompt_ids, response, True)
     assert other.decode(ids) == "Q: hi\nA: Paris.<|endoftext|>"
-    assert other.decode(dpo.reward_model_inputs(tok, other, "Q: hi\nA:", prompt_ids, response[:-1], False)) == "Q: hi\nA: Paris."
+    assert (
+        other.decode(
+            dpo.reward_model_inputs(tok, other, "Q: hi\nA:", prompt_ids, response[:-1], False)
+        )
+        == "Q: hi\nA: Paris."
+    )
     chat = [{"role": "user", "content": "hi"}]
     ids = dpo.reward_model_inputs(tok, other, chat, dpo.encode_prompt(tok, chat), response, True)
     assert other.decode(ids) == "<|user|>\nhi\n<|assistant|>\n Paris.<|endoftext|>"
 
 
 def test_reward_fn_loading_and_checks(tmp_path):
-    (tmp_path / "r.py").write_text("def good(p, c):\n    return [len(x) for x in c]\n"
-                                   "def short(p, c):\n    return [1.0]\n")
+    (tmp_path / "r.py").write_text(
+        "def good(p, c):\n    return [len(x) for x in c]\ndef short(p, c):\n    return [1.0]\n"
+    )
     fn = dpo.load_reward_fn(f"{tmp_path / 'r.py'}:good")
     assert dpo.call_reward_fn(fn, ["a", "b"], ["xy", "z"], [True, False]) == [2.0, 1.0]
     with pytest.raises(dpo.DataError, match="returned 1 scores for 2 completions"):
-        dpo.call_reward_fn(dpo.load_reward_fn(f"{tmp_path / 'r.py'}:short"), ["a", "b"], ["x", "y"], [True, True])
-    for spec, needle in [(f"{tmp_path / 'r.py'}:missing", "no function 'missing'"),
-                         (f"{tmp_path / 'nope.py'}:good", "no such file"), ("r.py", "expected 'path/to/file.py:function'")]:
+        dpo.call_reward_fn(
+            dpo.load_reward_fn(f"{tmp_path / 'r.py'}:short"), ["a", "b"], ["x", "y"], [True, True]
+        )
+    for spec, needle in [
+        (f"{tmp_path / 'r.py'}:missing", "no function 'missing'"),
+        (f"{tmp_path / 'nope.py'}:good", "no such file"),
+        ("r.py", "expected 'path/to/file.py:function'"),
+    ]:
         with pytest.raises(dpo.DataError, match=re.escape(needle)):
             dpo.load_reward_fn(spec)
 
 
 def test_argument_validation():
-    bad = [({"loss_type": "ipo", "label_smoothing": 0.1}, "not to ipo"),
-           ({"beta": 0.0}, "beta"), ({"iterations": 2}, "needs --reward_model_name_or_path or --reward_fn"),
-           ({"reward_fn": "a.py:f", "reward_model_name_or_path": "rm"}, "not both"),
-           ({"reward_fn": "a.py:f", "samples_per_prompt": 1}, "samples_per_prompt >= 2"),
-           ({"eval_only": True}, "needs --eval_split")]
+    bad = [
+        ({"loss_type": "ipo", "label_smoothing": 0.1}, "not to ipo"),
+        ({"beta": 0.0}, "beta"),
+        ({"iterations": 2}, "needs --reward_model_name_or_path or --reward_fn"),
+        ({"reward_fn": "a.py:f", "reward_model_name_or_path": "rm"}, "not both"),
+        ({"reward_fn": "a.py:f", "samples_per_prompt": 1}, "samples_per_prompt >= 2"),
+        ({"eval_only": True}, "needs --eval_split"),
+    ]
     for kwargs, needle in bad:
         with pytest.raises(dpo.DataError, match=re.escape(needle)):
             dpo.check_args(dpo.Args(**kwargs))
@@ -194,26 +280,64 @@ def test_argument_validation():
 # ---- end to end ----
 
 
-@pytest.mark.parametrize("model,shape,extra", [
-    ("gpt2", "preference_messages", ["--loss_type", "ipo"]),
-    ("llama_nopad", "hh", ["--loss_type", "sigmoid", "--label_smoothing", 0.1]),
-])
+@pytest.mark.parametrize(
+    "model,shape,extra",
+    [
+        ("gpt2", "preference_messages", ["--loss_type", "ipo"]),
+        ("llama_nopad", "hh", ["--loss_type", "sigmoid", "--label_smoothing", 0.1]),
+    ],
+)
 def test_end_to_end(model, shape, extra, tiny_models, data_files, run_script, metrics, tmp_path):
     out = tmp_path / "out"
-    proc = run_script("dpo.py", "--model_name_or_path", tiny_models[model], "--dataset_name", data_files[shape],
-                      "--eval_split", "train[:4]", "--max_steps", 4, "--per_device_train_batch_size", 2,
-                      "--logging_steps", 2, "--eval_steps", 2, "--save_steps", 2, "--learning_rate", 1e-3,
-                      "--output_dir", out, *extra)
-    for name in ["args.json", "metrics.jsonl", "config.json", "model.safetensors", "tokenizer.json",
-                 "checkpoints/step_2/step.json"]:
+    proc = run_script(
+        "dpo.py",
+        "--model_name_or_path",
+        tiny_models[model],
+        "--dataset_name",
+        data_files[shape],
+        "--eval_split",
+        "train[:4]",
+        "--max_steps",
+        4,
+        "--per_device_train_batch_size",
+        2,
+        "--logging_steps",
+        2,
+        "--eval_steps",
+        2,
+        "--save_steps",
+        2,
+        "--learning_rate",
+        1e-3,
+        "--output_dir",
+        out,
+        *extra,
+    )
+    for name in [
+        "args.json",
+        "metrics.jsonl",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "checkpoints/step_2/step.json",
+    ]:
         assert (out / name).exists(), name
     assert json.loads((out / "args.json").read_text())["loss_type"] == extra[1]
     rows = metrics(out)
     train = [r for r in rows if "train/loss" in r]
     evals = [r for r in rows if "eval/loss" in r]
     assert [r["step"] for r in train] == [2, 4] and [r["step"] for r in evals] == [0, 2, 4]
-    names = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"]
-    assert set(names + ["train/lr", "train/tokens_per_second", "train/pairs_per_second"]) <= set(train[0])
+    names = [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ]
+    assert set(names + ["train/lr", "train/tokens_per_second", "train/pairs_per_second"]) <= set(
+        train[0]
+    )
     assert {f"eval/{n}" for n in names} <= set(evals[0])
     for r in rows:
         assert all(math.isfinite(float(v)) for v in r.values())
@@ -222,18 +346,37 @@ def test_end_to_end(model, shape, extra, tiny_models, data_files, run_script, me
     if model == "llama_nopad":
         assert "using EOS as pad" in proc.stdout
     reloaded = AutoModelForCausalLM.from_pretrained(out)
-    assert reloaded(torch.tensor([[1, 2, 3]])).logits.shape[-1] == len(AutoTokenizer.from_pretrained(out))
+    assert reloaded(torch.tensor([[1, 2, 3]])).logits.shape[-1] == len(
+        AutoTokenizer.from_pretrained(out)
+    )
 
 
-def test_eval_only_writes_eval_metrics_without_training(tiny_models, data_files, run_script, metrics, tmp_path):
+def test_eval_only_writes_eval_metrics_without_training(
+    tiny_models, data_files, run_script, metrics, tmp_path
+):
     out = tmp_path / "eval"
-    proc = run_script("dpo.py", "--model_name_or_path", tiny_models["qwen2"], "--ref_model_name_or_path",
-                      tiny_models["llama"], "--dataset_name", data_files["preference"], "--eval_split", "train",
-                      "--eval_only", "--output_dir", out, "--tokenizer_name_or_path", tiny_models["llama"])
+    proc = run_script(
+        "dpo.py",
+        "--model_name_or_path",
+        tiny_models["qwen2"],
+        "--ref_model_name_or_path",
+        tiny_models["llama"],
+        "--dataset_name",
+        data_files["preference"],
+        "--eval_split",
+        "train",
+        "--eval_only",
+        "--output_dir",
+        out,
+        "--tokenizer_name_or_path",
+        tiny_models["llama"],
+    )
     rows = metrics(out)
     assert len(rows) == 1 and rows[0]["step"] == 0 and not (out / "model.safetensors").exists()
     assert rows[0]["eval/rewards/margins"] != 0  # a different reference: non-zero implicit rewards
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["eval/loss"] == pytest.approx(rows[0]["eval/loss"])
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["eval/loss"] == pytest.approx(
+        rows[0]["eval/loss"]
+    )
 
 
 # ---- issue 11: ChatML EOS, dropout, identical pairs, missing-EOS penalty ----
@@ -244,18 +387,30 @@ def test_chatml_completions_end_in_exactly_one_eos(chatml_model):
     '<|im_end|>', where generation stops, not '<|im_end|>\\n<|im_end|>'; the same in the re-tokenization
     path for a reward model with another vocabulary (D10): an unfinished response gets no end of turn."""
     tok = AutoTokenizer.from_pretrained(chatml_model)
-    ds = dpo.Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}],
-                                 "chosen": [{"role": "assistant", "content": "hello there"}],
-                                 "rejected": [{"role": "assistant", "content": "no"}]}])
+    ds = dpo.Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": "hi"}],
+                "chosen": [{"role": "assistant", "content": "hello there"}],
+                "rejected": [{"role": "assistant", "content": "no"}],
+            }
+        ]
+    )
     (pair,) = dpo.tokenize_preference(ds, tok, 128, None, "chatml")
     for side in ("chosen", "rejected"):
-        ids = pair[f"{side}_input_ids"][pair[f"{side}_mask"].index(1):]
-        assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1, tok.convert_ids_to_tokens(ids)
-    plain = build_tokenizer(pad=True)  # the policy's vocabulary differs from the ChatML reward model's
+        ids = pair[f"{side}_input_ids"][pair[f"{side}_mask"].index(1) :]
+        assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1, (
+            tok.convert_ids_to_tokens(ids)
+        )
+    plain = build_tokenizer(
+        pad=True
+    )  # the policy's vocabulary differs from the ChatML reward model's
     chat = [{"role": "user", "content": "hi"}]
     response = plain("hello", add_special_tokens=False).input_ids
     finished = dpo.reward_model_inputs(plain, tok, chat, [], response + [plain.eos_token_id], True)
-    assert finished[-1] == tok.eos_token_id and finished.count(tok.eos_token_id) == 2  # the prompt's turn + ours
+    assert (
+        finished[-1] == tok.eos_token_id and finished.count(tok.eos_token_id) == 2
+    )  # the prompt's turn + ours
     assert tok.decode(finished).endswith("<|im_start|>assistant\nhello<|im_end|>")
     unfinished = dpo.reward_model_inputs(plain, tok, chat, [], response, False)
     assert tok.decode(unfinished).endswith("<|im_start|>assistant\nhello")
@@ -271,8 +426,12 @@ def test_dropout_is_off_including_attention_dropout_from_the_config(dropout_mode
 
 
 def test_identical_pairs_are_dropped_and_counted(tok, capsys):
-    ds = dpo.Dataset.from_list([{"prompt": "Q: a", "chosen": " x", "rejected": " x"},
-                                {"prompt": "Q: b", "chosen": " y", "rejected": " z"}])
+    ds = dpo.Dataset.from_list(
+        [
+            {"prompt": "Q: a", "chosen": " x", "rejected": " x"},
+            {"prompt": "Q: b", "chosen": " y", "rejected": " z"},
+        ]
+    )
     assert len(dpo.tokenize_preference(ds, tok, 64, None, "train")) == 1
     assert "1 dropped (chosen identical to rejected)" in capsys.readouterr().out
 

@@ -8,6 +8,8 @@ import torch
 from conftest import build_config, build_tokenizer
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+import dpo
+
 
 def iteration_rows(rows):
     return [r for r in rows if "iteration" in r]
@@ -21,76 +23,183 @@ def check_reference_chain(out, initial, rows):
     policy as its reference."""
     info = [json.loads((out / f"iter_{k}" / "iteration.json").read_text()) for k in (1, 2)]
     assert info[0]["reference"] == str(initial) and info[1]["reference"] == str(out / "iter_1")
-    firsts = [rows[i + 1] for i, r in enumerate(rows) if "iteration" in r]  # the eval right after each label
+    firsts = [
+        rows[i + 1] for i, r in enumerate(rows) if "iteration" in r
+    ]  # the eval right after each label
     assert [("eval/rewards/margins" in r, r["step"]) for r in firsts] == [(True, 0), (True, 2)]
     assert all(r["eval/rewards/margins"] == 0.0 and r["eval/rewards/chosen"] == 0.0 for r in firsts)
-    last_of_first = [r for r in rows if "eval/rewards/margins" in r and r["step"] == 2][0]
+    last_of_first = next(r for r in rows if "eval/rewards/margins" in r and r["step"] == 2)
     assert last_of_first["eval/rewards/margins"] != 0.0
     return info
 
 
-def test_dpo_iter_with_reward_function(tiny_model, data_files, run_script, metrics, weights, tmp_path):
+def test_dpo_iter_with_reward_function(
+    tiny_model, data_files, run_script, metrics, weights, tmp_path
+):
     # Prompts that start with "Q: What" always score 0: their samples tie and are skipped (and counted).
     (tmp_path / "reward.py").write_text(
         "def score(prompts, completions):\n"
-        "    return [0.0 if p.startswith('Q: What') else float(len(c)) for p, c in zip(prompts, completions)]\n")
-    common = ["--model_name_or_path", tiny_model, "--dataset_name", data_files["prompts"], "--eval_split", "train[:4]",
-              "--iterations", 2, "--reward_fn", f"{tmp_path / 'reward.py'}:score", "--samples_per_prompt", 3,
-              "--max_new_tokens", 6, "--max_steps", 2, "--per_device_train_batch_size", 2, "--learning_rate", 1e-3,
-              "--warmup_ratio", 0, "--logging_steps", 1, "--eval_steps", 2, "--seed", 4]
+        "    return [0.0 if p.startswith('Q: What') else float(len(c)) for p, c in zip(prompts, completions)]\n"
+    )
+    common = [
+        "--model_name_or_path",
+        tiny_model,
+        "--dataset_name",
+        data_files["prompts"],
+        "--eval_split",
+        "train[:4]",
+        "--iterations",
+        2,
+        "--reward_fn",
+        f"{tmp_path / 'reward.py'}:score",
+        "--samples_per_prompt",
+        3,
+        "--max_new_tokens",
+        6,
+        "--max_steps",
+        2,
+        "--per_device_train_batch_size",
+        2,
+        "--learning_rate",
+        1e-3,
+        "--warmup_ratio",
+        0,
+        "--logging_steps",
+        1,
+        "--eval_steps",
+        2,
+        "--seed",
+        4,
+    ]
     out = tmp_path / "out"
     proc = run_script("dpo.py", *common, "--output_dir", out)
     rows = metrics(out)
     iters = iteration_rows(rows)
     assert [(r["iteration"], r["step"]) for r in iters] == [(1, 0), (2, 2)]  # global steps continue
     for r in iters:
-        assert r["iteration/ties_skipped"] >= 2 and r["iteration/pairs"] + r["iteration/ties_skipped"] == 8
+        assert (
+            r["iteration/ties_skipped"] >= 2
+            and r["iteration/pairs"] + r["iteration/ties_skipped"] == 8
+        )
     assert "skipped (all samples tied)" in proc.stdout
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
     info = check_reference_chain(out, tiny_model, rows)
     for k in (1, 2):
-        assert 0 <= info[k - 1]["unfinished"] <= 1 and info[k - 1]["unfinished"] == iters[k - 1]["iteration/unfinished"]
-        pairs = [json.loads(line) for line in (out / f"iter_{k}" / "pairs.jsonl").read_text().splitlines()]
+        assert (
+            0 <= info[k - 1]["unfinished"] <= 1
+            and info[k - 1]["unfinished"] == iters[k - 1]["iteration/unfinished"]
+        )
+        pairs = [
+            json.loads(line)
+            for line in (out / f"iter_{k}" / "pairs.jsonl").read_text().splitlines()
+        ]
         assert len(pairs) == iters[k - 1]["iteration/pairs"]
         for p in pairs:  # best vs worst under this reward
             assert p["chosen_score"] == len(p["chosen"]) > p["rejected_score"] == len(p["rejected"])
     w_final, w_iter2 = weights(out), weights(out / "iter_2")
-    assert all(torch.equal(w_final[k], w_iter2[k]) for k in w_final)  # the final policy is iteration 2's
+    assert all(
+        torch.equal(w_final[k], w_iter2[k]) for k in w_final
+    )  # the final policy is iteration 2's
 
     # Resume after iteration 1: iteration 2 starts from (and is referenced to) the saved iter_1 policy.
     resumed = tmp_path / "resumed"
     shutil.copytree(out / "iter_1", resumed / "iter_1")
-    proc = run_script("dpo.py", *common, "--output_dir", resumed, "--resume_from_checkpoint", "latest")
+    proc = run_script(
+        "dpo.py", *common, "--output_dir", resumed, "--resume_from_checkpoint", "latest"
+    )
     assert "resumed after iteration 1 (step 2)" in proc.stdout
     w_resumed = weights(resumed / "iter_2")
     assert max((w_resumed[k] - w_iter2[k]).abs().max().item() for k in w_resumed) <= 1e-5
     assert [r["iteration"] for r in iteration_rows(metrics(resumed))] == [2]
 
 
-def test_dpo_iter_with_reward_model_of_another_tokenizer(tiny_model, data_files, run_script, metrics, tmp_path):
+def test_dpo_iter_with_reward_model_of_another_tokenizer(
+    tiny_model, data_files, run_script, metrics, tmp_path
+):
     # A reward model checkpoint as reward_model.py writes it (the contract), with a different vocabulary, so the
     # sampled responses are decoded and re-tokenized with the reward model's tokenizer.
     rm_tok = build_tokenizer(pad=True)
     rm_tok.add_tokens(["<extra>"])
     torch.manual_seed(0)
     config = build_config("gpt2", rm_tok)
-    config.num_labels = 1  # transformers 5: from_config(config, num_labels=1) is rejected, so set it on the config
+    config.num_labels = (
+        1  # transformers 5: from_config(config, num_labels=1) is rejected, so set it on the config
+    )
     rm = AutoModelForSequenceClassification.from_config(config)
     rm.config.pad_token_id = rm_tok.pad_token_id
     rm.config.reward_mean, rm.config.reward_std = 0.0, 1.0
     rm.save_pretrained(tmp_path / "rm")
     rm_tok.save_pretrained(tmp_path / "rm")
     out = tmp_path / "out"
-    proc = run_script("dpo.py", "--model_name_or_path", tiny_model, "--dataset_name", data_files["preference_messages"],
-                      "--eval_split", "train[:4]", "--iterations", 2, "--reward_model_name_or_path", tmp_path / "rm", "--samples_per_prompt", 2,
-                      "--max_new_tokens", 6, "--max_steps", 2, "--per_device_train_batch_size", 2,
-                      "--learning_rate", 1e-3, "--warmup_ratio", 0, "--precompute_ref_logps", "--output_dir", out)
+    proc = run_script(
+        "dpo.py",
+        "--model_name_or_path",
+        tiny_model,
+        "--dataset_name",
+        data_files["preference_messages"],
+        "--eval_split",
+        "train[:4]",
+        "--iterations",
+        2,
+        "--reward_model_name_or_path",
+        tmp_path / "rm",
+        "--samples_per_prompt",
+        2,
+        "--max_new_tokens",
+        6,
+        "--max_steps",
+        2,
+        "--per_device_train_batch_size",
+        2,
+        "--learning_rate",
+        1e-3,
+        "--warmup_ratio",
+        0,
+        "--precompute_ref_logps",
+        "--output_dir",
+        out,
+    )
     rows = metrics(out)
     iters = iteration_rows(rows)
     assert [r["iteration"] for r in iters] == [1, 2]
-    assert all(r["iteration/pairs"] == 8 and r["iteration/ties_skipped"] == 0 for r in iters)  # float scores: no ties
+    assert all(
+        r["iteration/pairs"] == 8 and r["iteration/ties_skipped"] == 0 for r in iters
+    )  # float scores: no ties
     assert all(abs(r["objective/scores"]) > 0 for r in iters)
     assert "iteration 2 train: 8 pairs" in proc.stdout
     check_reference_chain(out, tiny_model, rows)  # precomputed reference log-probs, the same chain
-    final, iter2 = AutoModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out / "iter_2")
-    assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), iter2.state_dict().values()))
+    final, iter2 = (
+        AutoModelForCausalLM.from_pretrained(out),
+        AutoModelForCausalLM.from_pretrained(out / "iter_2"),
+    )
+    assert all(
+        torch.equal(a, b) for a, b in zip(final.state_dict().values(), iter2.state_dict().values())
+    )
+
+
+def test_gradient_checkpointing_samples_the_same_responses(tiny_model, data_files, tmp_path):
+    """DPO-Iter samples in eval mode: with gradient checkpointing on, train mode would drop the KV cache
+    during generation. The same seed gives the same pairs with and without it (in-process runs)."""
+    (tmp_path / "reward.py").write_text(
+        "def score(prompts, completions):\n    return [float(len(c)) for c in completions]\n"
+    )
+    pairs = []
+    for gc in (False, True):
+        out = tmp_path / f"gc_{gc}"
+        dpo.main(
+            dpo.Args(
+                model_name_or_path=tiny_model,
+                dataset_name=data_files["prompts"],
+                train_split="train[:4]",
+                reward_fn=f"{tmp_path / 'reward.py'}:score",
+                samples_per_prompt=3,
+                max_new_tokens=6,
+                max_steps=1,
+                per_device_train_batch_size=2,
+                gradient_checkpointing=gc,
+                seed=4,
+                output_dir=str(out),
+            )
+        )
+        pairs.append((out / "iter_1" / "pairs.jsonl").read_text())
+    assert pairs[0] == pairs[1] and pairs[0]
