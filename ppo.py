@@ -1420,6 +1420,7 @@ RESUME_MAY_CHANGE = {
     "resume_from_checkpoint",
     "overwrite_output_dir",
     "report_to",
+    "output_dir",  # a run directory that was moved or copied still resumes
 }
 
 
