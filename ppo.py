@@ -429,10 +429,11 @@ def to_prompts(ds: Dataset, filter: str = "none") -> list:
 
 
 def tokenize_prompts(prompts: list, tokenizer, max_prompt_length: int, name: str) -> list:
-    """-> prompt token-id lists, keeping the end of long prompts; empty (or null) prompts are dropped."""
+    """-> prompt token-id lists, keeping the end of long prompts; empty prompts are dropped and
+    counted; a null, NaN or number is an error naming the row."""
     out, n_truncated, n_dropped = [], 0, 0
     for i, prompt in enumerate(prompts):
-        if prompt is None or prompt == "" or prompt == []:
+        if prompt == "" or prompt == []:
             n_dropped += 1
             continue
         check_text(prompt, "prompt", i)

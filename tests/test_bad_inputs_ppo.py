@@ -51,13 +51,16 @@ def files(tmp_path_factory, tiny_models, data_files):
     (d / "empty.jsonl").write_text("")
     (d / "malformed.jsonl").write_text('{"prompt": "a"\n{oops\n')
     (d / "a_file").write_text("not a directory")
+    (d / "nan.jsonl").write_text('{"prompt": NaN}\n' + '{"prompt": "hi"}\n' * 7)
     return {
         "dir": d,
         "model": tiny_models["llama"],
         "prompts": data_files["prompts"],
         "rf": str(d / "rewards.py"),
         "int": write_jsonl(d / "int.jsonl", [{"prompt": 3}] * 8),
-        "null": write_jsonl(d / "null.jsonl", [{"prompt": None}] * 8),
+        "null": write_jsonl(d / "null.jsonl", [{"prompt": None}] + [{"prompt": "hi"}] * 7),
+        "nan": str(d / "nan.jsonl"),
+        "empty_prompts": write_jsonl(d / "empty_prompts.jsonl", [{"prompt": ""}] * 8),
         "list_of_numbers": write_jsonl(d / "numbers.jsonl", [{"prompt": [1, 2]}] * 8),
         "text": write_jsonl(d / "text.jsonl", [{"text": "hi"}] * 8),
     }
@@ -164,7 +167,9 @@ CASES = [
         lambda f, o: {"dataset_name": f["list_of_numbers"]},
         "column 'prompt'",
     ),
-    ("every prompt is null", lambda f, o: {"dataset_name": f["null"]}, "no prompts"),
+    ("prompt is null", lambda f, o: {"dataset_name": f["null"]}, "row 0, column 'prompt'"),
+    ("prompt is NaN", lambda f, o: {"dataset_name": f["nan"]}, "row 0, column 'prompt'"),
+    ("every prompt is empty", lambda f, o: {"dataset_name": f["empty_prompts"]}, "no prompts"),
     (
         "rollout not divisible",
         {"per_device_prompt_batch_size": 3, "num_minibatches": 2},
