@@ -987,8 +987,8 @@ def main(args: Args):
             resuming = resume_from or (Path(policy_path) if policy_path else None)
             prepare_output_dir(args, resuming)
             if (
-                resuming is None
-            ):  # --overwrite_output_dir: a stale iter_K would be picked up by a resume
+                resuming is None and args.overwrite_output_dir
+            ):  # a later resume would pick a stale iter_K
                 for stale in Path(args.output_dir).glob("iter_*"):
                     shutil.rmtree(stale)
         except DataError as e:
@@ -1726,3 +1726,7 @@ if __name__ == "__main__":
         main(tyro.cli(Args))
     except DataError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(
+            "interrupted: continue from the last checkpoint with --resume_from_checkpoint latest"
+        )
