@@ -203,3 +203,34 @@ def test_gradient_checkpointing_samples_the_same_responses(tiny_model, data_file
         )
         pairs.append((out / "iter_1" / "pairs.jsonl").read_text())
     assert pairs[0] == pairs[1] and pairs[0]
+
+
+def test_checkpoint_generation_config_does_not_change_sampling(tiny_model, tmp_path):
+    """A policy whose generation_config.json sets repetition_penalty=1.3, no_repeat_ngram_size=2 and
+    suppress_tokens samples exactly what the same weights without them sample: DPO-Iter's pairs come
+    from the distribution the log-probabilities describe. (On this tiny model's near-uniform logits a
+    repetition penalty alone barely changes a draw; suppressed tokens always do.)"""
+    from accelerate import Accelerator
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tiny_model, tmp_path / "penalized")
+    config = json.loads((tmp_path / "penalized" / "generation_config.json").read_text())
+    config.pop(
+        "_from_model_config", None
+    )  # as in hub checkpoints (with it, transformers ignores the file)
+    config.update(
+        repetition_penalty=1.3, no_repeat_ngram_size=2, suppress_tokens=list(range(5, 300))
+    )
+    (tmp_path / "penalized" / "generation_config.json").write_text(json.dumps(config))
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    args = dpo.Args(samples_per_prompt=3, max_new_tokens=12, top_k=0)
+    prompts = [dpo.encode_prompt(tok, "Q: hi\nA:"), dpo.encode_prompt(tok, "Q: What is 2 + 2?\nA:")]
+    samples = []
+    for path in (tiny_model, str(tmp_path / "penalized")):
+        policy = dpo.load_policy(args, path)
+        torch.manual_seed(0)
+        samples.append(dpo.sample_responses(Accelerator(cpu=True), policy, tok, prompts, args))
+        assert policy.generation_config.repetition_penalty in (
+            (1.3,) if "penalized" in path else (None, 1.0)
+        )
+    assert samples[0] == samples[1]
