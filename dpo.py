@@ -1065,6 +1065,8 @@ def main(args: Args):
         )
         if rm_tokenizer.pad_token_id is None:
             rm_tokenizer.pad_token = rm_tokenizer.eos_token
+        # score_tokens runs HF's own forward, which needs a pad id to batch (its pooling is not used)
+        getattr(reward_model, "module", reward_model).config.pad_token_id = rm_tokenizer.pad_token_id
 
     def score(prompts, samples):
         return score_samples(
@@ -1382,16 +1384,23 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def score_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The scalar head of an AutoModelForSequenceClassification (num_labels=1) at every token: [B, T].
-    HF's own pooling finds the last token from pad_token_id, which breaks when pad == EOS, so we run the
-    backbone and apply the head ourselves; callers pick positions from the attention mask."""
-    model = getattr(model, "module", model)  # DDP / DeepSpeed wrapper
-    hidden = model.base_model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
-    return model.score(hidden).squeeze(-1)
+    HF's own pooling finds the last token from pad_token_id, which breaks when pad == EOS, so we keep the
+    head's output at every token (a forward hook) and callers pick positions from the attention mask.
+    The forward goes through the wrapper: calling the inner module would skip DDP's gradient
+    synchronization (each process would train alone) and DeepSpeed's bookkeeping. No hidden states kept."""
+    scores = []
+    head = getattr(model, "module", model).score  # under a DDP / DeepSpeed wrapper
+    hook = head.register_forward_hook(lambda module, inputs, output: scores.append(output))
+    try:
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from(attention_mask),
+            use_cache=False,
+        )
+    finally:
+        hook.remove()
+    return scores[0].squeeze(-1)
 
 
 def check_model_path(path: str, what: str = "model"):
@@ -1613,8 +1622,9 @@ def load_checkpoint(accelerator, path: Path) -> dict:
         state = json.loads((path / "step.json").read_text())
         accelerator.load_state(str(path))
     except Exception as e:  # a corrupt or truncated checkpoint: one line, nothing changed on disk
+        cause = " ".join(str(e).split())[:200]  # (accelerate's messages span several lines)
         raise DataError(
-            f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {str(e)[:200]})"
+            f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {cause})"
         ) from None
     accelerator.print(f"resumed from {path} at step {state['step']}")
     return state

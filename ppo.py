@@ -405,17 +405,30 @@ def derive_batch_sizes(args, num_processes: int) -> dict:
 
 
 def to_prompts(ds: Dataset, filter: str = "none") -> list:
-    """Prompts of any prompt source (DESIGN section 4): a 'prompt' column (string or messages), a
-    conversation (everything before its last assistant turn), or any preference dataset's prompts."""
+    """Any prompt source: a `prompt` column (string or messages), a preference shape, or conversations
+    (`messages` up to the last assistant turn)."""
     cols = set(ds.column_names)
-    if "prompt" in cols and not ({"response_0", "response_1"} <= cols and filter != "none"):
+    if "prompt" in cols and not {"response_0", "response_1"} <= cols:
+        for i, prompt in enumerate(ds["prompt"]):
+            check_text(prompt, "prompt", i)
         return list(ds["prompt"])
     if "messages" in cols:
         prompts = []
         for i, messages in enumerate(ds["messages"]):
+            if isinstance(messages, str):  # check_text accepts a string: messages must be a list
+                raise DataError(
+                    f"row {i}, column 'messages': expected a list of {{role, content}} messages, found str"
+                )
             check_text(messages, "messages", i)
-            last = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
-            prompts.append(messages[: last[-1]] if last else messages)
+            last = max(
+                (j for j, m in enumerate(messages) if m["role"] == "assistant"),
+                default=len(messages),
+            )
+            if last == 0:
+                raise DataError(
+                    f"row {i}, column 'messages': no turn before the first assistant turn"
+                )
+            prompts.append(messages[:last])
         return prompts
     try:
         return list(to_preference(ds, filter)["prompt"])
@@ -423,8 +436,8 @@ def to_prompts(ds: Dataset, filter: str = "none") -> list:
         if "expected one of" not in str(e):
             raise
         raise DataError(
-            f"dataset has columns {sorted(cols)}; expected a prompt source: prompt, messages, "
-            "or a preference shape (prompt+chosen+rejected, chosen+rejected, SafeRLHF)"
+            f"dataset has columns {sorted(cols)}; expected prompts: a prompt column, messages, or a "
+            "preference shape (prompt+chosen+rejected, chosen+rejected, SafeRLHF)"
         ) from None
 
 
@@ -837,6 +850,8 @@ def main(args: Args):
     if args.reward_model_name_or_path:
         reward_model = load_pretrained(AutoModelForSequenceClassification, args.reward_model_name_or_path,
                                        frozen_dtype, trust, num_labels=1)  # fmt: skip
+        # score_tokens runs HF's own forward, which needs a pad id to batch (its pooling is not used)
+        reward_model.config.pad_token_id = (reward_tokenizer or tokenizer).pad_token_id
     # Tulu 2.5 App. F: the critic starts from the reward model; with a reward function, or a reward
     # model that reads another vocabulary, from the policy with a fresh scalar head.
     critic_path = args.value_model_name_or_path or args.reward_model_name_or_path
@@ -1277,16 +1292,23 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def score_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The scalar head of an AutoModelForSequenceClassification (num_labels=1) at every token: [B, T].
-    HF's own pooling finds the last token from pad_token_id, which breaks when pad == EOS, so we run the
-    backbone and apply the head ourselves; callers pick positions from the attention mask."""
-    model = getattr(model, "module", model)  # DDP / DeepSpeed wrapper
-    hidden = model.base_model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
-    return model.score(hidden).squeeze(-1)
+    HF's own pooling finds the last token from pad_token_id, which breaks when pad == EOS, so we keep the
+    head's output at every token (a forward hook) and callers pick positions from the attention mask.
+    The forward goes through the wrapper: calling the inner module would skip DDP's gradient
+    synchronization (each process would train alone) and DeepSpeed's bookkeeping. No hidden states kept."""
+    scores = []
+    head = getattr(model, "module", model).score  # under a DDP / DeepSpeed wrapper
+    hook = head.register_forward_hook(lambda module, inputs, output: scores.append(output))
+    try:
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from(attention_mask),
+            use_cache=False,
+        )
+    finally:
+        hook.remove()
+    return scores[0].squeeze(-1)
 
 
 def check_model_path(path: str, what: str = "model"):
@@ -1499,8 +1521,9 @@ def load_checkpoint(accelerator, path: Path) -> dict:
         state = json.loads((path / "step.json").read_text())
         accelerator.load_state(str(path))
     except Exception as e:  # a corrupt or truncated checkpoint: one line, nothing changed on disk
+        cause = " ".join(str(e).split())[:200]  # (accelerate's messages span several lines)
         raise DataError(
-            f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {str(e)[:200]})"
+            f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {cause})"
         ) from None
     accelerator.print(f"resumed from {path} at step {state['step']}")
     return state

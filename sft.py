@@ -988,8 +988,9 @@ def load_checkpoint(accelerator, path: Path) -> dict:
         state = json.loads((path / "step.json").read_text())
         accelerator.load_state(str(path))
     except Exception as e:  # a corrupt or truncated checkpoint: one line, nothing changed on disk
+        cause = " ".join(str(e).split())[:200]  # (accelerate's messages span several lines)
         raise DataError(
-            f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {str(e)[:200]})"
+            f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {cause})"
         ) from None
     accelerator.print(f"resumed from {path} at step {state['step']}")
     return state

@@ -160,7 +160,7 @@ CASES = [
     ("nonexistent dataset", {"dataset_name": "/nonexistent/prompts.jsonl"}, "no such file"),
     ("empty dataset file", lambda f, o: {"dataset_name": f"{f['dir']}/empty.jsonl"}, "no data"),
     ("malformed JSON", lambda f, o: {"dataset_name": f"{f['dir']}/malformed.jsonl"}, "cannot load"),
-    ("no prompt column", lambda f, o: {"dataset_name": f["text"]}, "expected a prompt source"),
+    ("no prompt column", lambda f, o: {"dataset_name": f["text"]}, "expected prompts"),
     ("prompt is an int", lambda f, o: {"dataset_name": f["int"]}, "row 0, column 'prompt'"),
     (
         "prompt is a list of numbers",

@@ -2,6 +2,7 @@
 The copies must stay byte-identical, so a fix made in one file is carried to every file."""
 
 import ast
+import builtins
 import dataclasses
 import importlib
 import re
@@ -11,33 +12,63 @@ import pytest
 from conftest import REPO
 
 SCRIPTS = ["sft.py", "reward_model.py", "dpo.py", "ppo.py"]
-SHARED = ["DataError", "load_split", "split_hh_transcript", "to_preference", "render_chat", "encode_prompt",
-          "encode_completion", "truncate", "pad", "position_ids_from", "token_logprobs", "load_tokenizer",
-          "MetricsLog", "write_args", "save_model", "save_checkpoint", "find_checkpoint", "last_token_index",
-          "score_tokens"]
+ALL_SCRIPTS = SCRIPTS + ["synthetic_toy.py"]
+SHARED = [
+    "DataError", "load_split", "check_text", "split_hh_transcript", "SAFERLHF_COLUMNS", "to_preference",
+    "render_chat", "encode_prompt", "encode_completion", "truncate", "pad", "position_ids_from",
+    "token_logprobs", "last_token_index", "score_tokens", "check_model_path", "load_pretrained",
+    "load_tokenizer", "disable_dropout", "check_finite", "generation_config", "MetricsLog",
+    "RESUME_MAY_CHANGE", "prepare_output_dir", "save_model", "save_checkpoint", "find_checkpoint",
+    "load_checkpoint", "prepare_frozen", "check_reward_model", "load_reward_fn", "call_reward_fn",
+    "apply_missing_eos_penalty", "to_prompts",
+]  # fmt: skip
 
 
 def definitions(script):
+    """{name: source} of the module-level functions, classes and assignments of a script."""
     source = (REPO / script).read_text()
-    tree = ast.parse(source)
-    return {node.name: ast.get_source_segment(source, node) for node in tree.body
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    out = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            out[node.name] = ast.get_source_segment(source, node)
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            out[node.targets[0].id] = ast.get_source_segment(source, node)
+    return out
 
 
 @pytest.mark.parametrize("name", SHARED)
 def test_shared_helper_copies_are_identical(name):
     copies = {s: d[name] for s in SCRIPTS if name in (d := definitions(s))}
-    assert copies, f"{name} is defined in no script"
+    assert copies, f"{name} is defined in no script: drop it from the list"
     for (a, src_a), (b, src_b) in combinations(copies.items(), 2):
         assert src_a == src_b, f"{name} differs between {a} and {b}"
 
 
-@pytest.mark.parametrize("script", SCRIPTS + ["synthetic_toy.py"])
+# Each stage's own entry points: the same name on purpose, a different job in every script.
+STAGE_OWN = {"Args", "main", "check_args", "evaluate"}
+# Known drift, left for the readability issue (#14): dpo.py's tokenize_prompts keeps each prompt with its
+# ids and drops prompts with no room for a response; ppo.py's returns ids only. One version is the fix.
+KNOWN_DRIFT = {"tokenize_prompts"}
+
+
+def test_a_function_in_two_scripts_is_on_the_identity_list():
+    """Two copies of one helper that are not on the list drift apart (one gets a fix, one keeps the bug)."""
+    defined = {s: {n for n in definitions(s) if not n.startswith("_")} for s in SCRIPTS}
+    for a, b in combinations(SCRIPTS, 2):
+        both = defined[a] & defined[b] - set(SHARED) - STAGE_OWN - KNOWN_DRIFT
+        assert not both, f"{sorted(both)} are defined in both {a} and {b} but are not shared helpers"
+
+
+@pytest.mark.parametrize("script", ALL_SCRIPTS)
 def test_scripts_import_no_local_module(script):
-    local = {s[:-3] for s in SCRIPTS + ["synthetic_toy.py"]} | {"utils", "common", "helpers"}
+    local = {s[:-3] for s in ALL_SCRIPTS} | {"utils", "common", "helpers"}
     for node in ast.walk(ast.parse((REPO / script).read_text())):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        else:
+            continue
         assert not any(n.split(".")[0] in local for n in names), f"{script} imports {names}"
 
 
@@ -45,8 +76,6 @@ def test_scripts_import_no_local_module(script):
 def test_shared_helpers_only_use_names_the_script_defines(script):
     """A helper copied into a file without the import it needs fails only on its rare paths (e.g.
     save_checkpoint's cleanup of a stale .tmp directory), so check every global name it reads."""
-    import builtins
-
     tree = ast.parse((REPO / script).read_text())
     module_names = set(dir(builtins))
     for node in tree.body:
@@ -59,21 +88,38 @@ def test_shared_helpers_only_use_names_the_script_defines(script):
             module_names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in SHARED:
-            local = {a.arg for n in ast.walk(node) if isinstance(n, ast.arguments)
-                     for a in n.args + n.kwonlyargs + [n.vararg, n.kwarg] if a is not None}
+            local = {
+                a.arg
+                for n in ast.walk(node)
+                if isinstance(n, ast.arguments)
+                for a in n.args + n.kwonlyargs + [n.vararg, n.kwarg]
+                if a is not None
+            }
             local |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-            local |= {n.name for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.ExceptHandler))}
+            local |= {
+                n.name
+                for n in ast.walk(node)
+                if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.ExceptHandler))
+            }
+            local |= {  # imported inside the helper (e.g. deepspeed, only importable under DeepSpeed)
+                (a.asname or a.name).split(".")[0]
+                for n in ast.walk(node)
+                if isinstance(n, (ast.Import, ast.ImportFrom))
+                for a in n.names
+            }
             read = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-            assert not read - local - module_names, f"{script}:{node.name} reads undefined {read - local - module_names}"
+            missing = read - local - module_names
+            assert not missing, f"{script}:{node.name} reads undefined {missing}"
 
 
-@pytest.mark.parametrize("script", ["sft.py", "dpo.py"])
-def test_help_documents_every_argument(script, run_script):
+@pytest.mark.parametrize("script", ALL_SCRIPTS)
+def test_help_says_what_the_script_does_and_documents_every_argument(script, run_script):
     help_text = run_script(script, "--help").stdout
     flat = " ".join(re.sub(r"[│╭╮╰╯─]", " ", help_text).split())
+    assert f"python {script}" in flat, "--help gives no example command"
     source = (REPO / script).read_text()
     for field in dataclasses.fields(importlib.import_module(script[:-3]).Args):
         assert f"--{field.name.replace('_', '-')}" in flat, field.name
-        doc = re.search(rf"\n    {field.name}: [^\n]*\n    \"\"\"(.+?)\"\"\"", source)
+        doc = re.search(rf"\n    {field.name}: [^\n]*\n    \"\"\"(.+?)\"\"\"", source, re.S)
         assert doc, f"{field.name} has no docstring"
         assert " ".join(doc.group(1).split()[:4]) in flat, field.name
