@@ -32,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -911,7 +911,7 @@ def load_policy(args, path: str):
         load_pretrained(AutoModelForCausalLM, path, torch.float32, args.trust_remote_code)
     )
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         model.config.use_cache = False
     return model
 
@@ -1066,7 +1066,9 @@ def main(args: Args):
         if rm_tokenizer.pad_token_id is None:
             rm_tokenizer.pad_token = rm_tokenizer.eos_token
         # score_tokens runs HF's own forward, which needs a pad id to batch (its pooling is not used)
-        getattr(reward_model, "module", reward_model).config.pad_token_id = rm_tokenizer.pad_token_id
+        getattr(
+            reward_model, "module", reward_model
+        ).config.pad_token_id = rm_tokenizer.pad_token_id
 
     def score(prompts, samples):
         return score_samples(
@@ -1157,7 +1159,7 @@ class DataError(ValueError):
     """Bad input or a run that must stop: reported as one `error:` line, never a traceback."""
 
 
-def load_split(name: str, config: Optional[str], split: str) -> Dataset:
+def load_split(name: str, config: str | None, split: str) -> Dataset:
     """A hub dataset, or local .json/.jsonl/.parquet file(s); a directory's files are named by split."""
     path = Path(name)
     if (
@@ -1340,7 +1342,7 @@ def encode_completion(tokenizer, prompt, completion) -> list:
 
 
 def truncate(
-    prompt_ids: list, completion_ids: list, max_length: int, max_prompt_length: Optional[int]
+    prompt_ids: list, completion_ids: list, max_length: int, max_prompt_length: int | None
 ):
     """Prompts keep their end, completions their start. Returns (prompt, completion, truncated) or None
     when the prompt leaves no room for a completion (the caller drops and counts it)."""
@@ -1539,7 +1541,7 @@ RESUME_MAY_CHANGE = {
 }
 
 
-def prepare_output_dir(args, resume_from: Optional[Path]):
+def prepare_output_dir(args, resume_from: Path | None):
     """Refuse to mix runs: a directory that holds a run needs --overwrite_output_dir (which clears it) or a
     resume; a resume must use the saved arguments, apart from the step budget and logging. Main process."""
     out = Path(args.output_dir)
@@ -1595,7 +1597,7 @@ def save_checkpoint(accelerator, output_dir, step: int, state: dict):
     accelerator.wait_for_everyone()
 
 
-def find_checkpoint(output_dir, resume_from_checkpoint: Optional[str]) -> Optional[Path]:
+def find_checkpoint(output_dir, resume_from_checkpoint: str | None) -> Path | None:
     """None, 'latest' (the newest complete output_dir/checkpoints/step_N) or a path to a checkpoint."""
     if resume_from_checkpoint is None:
         return None
@@ -1722,7 +1724,7 @@ def call_reward_fn(fn, prompts: list, completions: list, finished: list) -> list
 
 
 def apply_missing_eos_penalty(
-    scores: torch.Tensor, finished: torch.Tensor, penalty: Optional[float]
+    scores: torch.Tensor, finished: torch.Tensor, penalty: float | None
 ) -> torch.Tensor:
     """Tulu 2.5 App. F, the EOS trick: a response that did not end in EOS within the token budget gets
     `penalty` as its score instead of the labeller's (None: no penalty)."""

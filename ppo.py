@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import tyro
@@ -869,7 +869,7 @@ def main(args: Args):
                                                  args.top_k, args.top_p)  # fmt: skip
     for m in (policy, critic):
         if args.gradient_checkpointing:
-            m.gradient_checkpointing_enable()
+            m.activation_checkpointing_enable()
     model = PolicyAndValue(policy, critic)
     optimizer = torch.optim.AdamW(
         [{"params": policy.parameters(), "lr": args.learning_rate},
@@ -1097,7 +1097,7 @@ class DataError(ValueError):
     """Bad input or a run that must stop: reported as one `error:` line, never a traceback."""
 
 
-def load_split(name: str, config: Optional[str], split: str) -> Dataset:
+def load_split(name: str, config: str | None, split: str) -> Dataset:
     """A hub dataset, or local .json/.jsonl/.parquet file(s); a directory's files are named by split."""
     path = Path(name)
     if (
@@ -1447,7 +1447,7 @@ RESUME_MAY_CHANGE = {
 }
 
 
-def prepare_output_dir(args, resume_from: Optional[Path]):
+def prepare_output_dir(args, resume_from: Path | None):
     """Refuse to mix runs: a directory that holds a run needs --overwrite_output_dir (which clears it) or a
     resume; a resume must use the saved arguments, apart from the step budget and logging. Main process."""
     out = Path(args.output_dir)
@@ -1494,7 +1494,7 @@ def save_checkpoint(accelerator, output_dir, step: int, state: dict):
     accelerator.wait_for_everyone()
 
 
-def find_checkpoint(output_dir, resume_from_checkpoint: Optional[str]) -> Optional[Path]:
+def find_checkpoint(output_dir, resume_from_checkpoint: str | None) -> Path | None:
     """None, 'latest' (the newest complete output_dir/checkpoints/step_N) or a path to a checkpoint."""
     if resume_from_checkpoint is None:
         return None
@@ -1618,7 +1618,7 @@ def call_reward_fn(fn, prompts: list, completions: list, finished: list) -> list
 
 
 def apply_missing_eos_penalty(
-    scores: torch.Tensor, finished: torch.Tensor, penalty: Optional[float]
+    scores: torch.Tensor, finished: torch.Tensor, penalty: float | None
 ) -> torch.Tensor:
     """Tulu 2.5 App. F, the EOS trick: a response that did not end in EOS within the token budget gets
     `penalty` as its score instead of the labeller's (None: no penalty)."""

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import tyro
@@ -410,7 +410,7 @@ def main(args: Args):
         )
     disable_dropout(model)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         model.config.use_cache = False
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
@@ -550,7 +550,7 @@ class DataError(ValueError):
     """Bad input or a run that must stop: reported as one `error:` line, never a traceback."""
 
 
-def load_split(name: str, config: Optional[str], split: str) -> Dataset:
+def load_split(name: str, config: str | None, split: str) -> Dataset:
     """A hub dataset, or local .json/.jsonl/.parquet file(s); a directory's files are named by split."""
     path = Path(name)
     if (
@@ -733,7 +733,7 @@ def encode_completion(tokenizer, prompt, completion) -> list:
 
 
 def truncate(
-    prompt_ids: list, completion_ids: list, max_length: int, max_prompt_length: Optional[int]
+    prompt_ids: list, completion_ids: list, max_length: int, max_prompt_length: int | None
 ):
     """Prompts keep their end, completions their start. Returns (prompt, completion, truncated) or None
     when the prompt leaves no room for a completion (the caller drops and counts it)."""
@@ -905,7 +905,7 @@ RESUME_MAY_CHANGE = {
 }
 
 
-def prepare_output_dir(args, resume_from: Optional[Path]):
+def prepare_output_dir(args, resume_from: Path | None):
     """Refuse to mix runs: a directory that holds a run needs --overwrite_output_dir (which clears it) or a
     resume; a resume must use the saved arguments, apart from the step budget and logging. Main process."""
     out = Path(args.output_dir)
@@ -961,7 +961,7 @@ def save_checkpoint(accelerator, output_dir, step: int, state: dict):
     accelerator.wait_for_everyone()
 
 
-def find_checkpoint(output_dir, resume_from_checkpoint: Optional[str]) -> Optional[Path]:
+def find_checkpoint(output_dir, resume_from_checkpoint: str | None) -> Path | None:
     """None, 'latest' (the newest complete output_dir/checkpoints/step_N) or a path to a checkpoint."""
     if resume_from_checkpoint is None:
         return None

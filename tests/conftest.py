@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)
 
@@ -61,10 +61,12 @@ def build_tokenizer(pad: bool):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
-    kwargs = dict(eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    kwargs = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}
     if pad:
         kwargs["pad_token"] = "<pad>"
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
@@ -75,25 +77,55 @@ def build_tokenizer(pad: bool):
 def build_config(arch: str, tokenizer):
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
-    common = dict(
-        vocab_size=len(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    common = {
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     if arch == "llama":
-        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=256, **common)
+        return LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+        )
     if arch == "qwen2":
-        return Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=256, **common)
+        return Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+        )
     if arch == "gpt_neox":
-        return GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             max_position_embeddings=256, rotary_pct=0.25, hidden_dropout=0.0,
-                             attention_dropout=0.0, **common)
+        return GPTNeoXConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            rotary_pct=0.25,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            **common,
+        )
     if arch == "gpt2":
-        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0,
-                          attn_pdrop=0.0, **common)
+        return GPT2Config(
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
+        )
     raise ValueError(arch)
 
 
@@ -136,7 +168,9 @@ def tiny_models(tiny_dir):
     tok = build_tokenizer(pad=True)
     for arch in ARCHS:
         paths[arch] = save_tiny_model(arch, tok, tiny_dir / f"model_{arch}")
-    paths["llama_nopad"] = save_tiny_model("llama", build_tokenizer(pad=False), tiny_dir / "model_llama_nopad")
+    paths["llama_nopad"] = save_tiny_model(
+        "llama", build_tokenizer(pad=False), tiny_dir / "model_llama_nopad"
+    )
     return paths
 
 
@@ -201,8 +235,7 @@ def dropout_model(tiny_dir):
 def write_jsonl(path: Path, rows) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
     return str(path)
 
 
@@ -224,7 +257,8 @@ def data_files(tiny_dir):
     d = tiny_dir / "data"
     files = {}
     files["prompt_completion"] = write_jsonl(
-        d / "prompt_completion.jsonl", [{"prompt": f"Q: {q}\nA:", "completion": f" {a}"} for q, a in _QA]
+        d / "prompt_completion.jsonl",
+        [{"prompt": f"Q: {q}\nA:", "completion": f" {a}"} for q, a in _QA],
     )
     files["messages"] = write_jsonl(
         d / "messages.jsonl",
@@ -243,7 +277,10 @@ def data_files(tiny_dir):
     )
     files["preference"] = write_jsonl(
         d / "preference.jsonl",
-        [{"prompt": f"Q: {q}\nA:", "chosen": f" {a}", "rejected": " I do not know."} for q, a in _QA],
+        [
+            {"prompt": f"Q: {q}\nA:", "chosen": f" {a}", "rejected": " I do not know."}
+            for q, a in _QA
+        ],
     )
     files["preference_messages"] = write_jsonl(
         d / "preference_messages.jsonl",
@@ -276,7 +313,11 @@ def data_files(tiny_dir):
                 "response_0": a,
                 "response_1": "I do not know.",
                 "better_response_id": i % 2,
-                "safer_response_id": 0 if safe0 and not safe1 else 1 if safe1 and not safe0 else i % 2,
+                "safer_response_id": 0
+                if safe0 and not safe1
+                else 1
+                if safe1 and not safe0
+                else i % 2,
                 "is_response_0_safe": safe0,
                 "is_response_1_safe": safe1,
             }
@@ -291,8 +332,14 @@ def data_files(tiny_dir):
 
 def _env():
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1", ACCELERATE_USE_CPU="1")
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        ACCELERATE_USE_CPU="1",
+    )
     return env
 
 
@@ -302,9 +349,13 @@ def run_script():
 
     def run(script, *args, check=True, timeout=600):
         cmd = [sys.executable, str(REPO / script), *map(str, args)]
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
     return run
@@ -318,12 +369,31 @@ def run_accelerate():
         with socket.socket() as s:  # a free port, so parallel test workers never share a rendezvous
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-               str(num_processes), "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(REPO / script), *map(str, args)]
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(num_processes),
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            str(port),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(REPO / script),
+            *map(str, args),
+        ]
+        proc = subprocess.run(
+            cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
     return run
@@ -342,13 +412,28 @@ def run_deepspeed():
         env = _env()
         env.pop("ACCELERATE_USE_CPU")  # it would switch DeepSpeed off
         env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO / "tests" / "deepspeed_shim"))
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "accelerate_configs" / f"deepspeed_zero{stage}.yaml"), "--num_processes", str(num_processes),
-               "--main_process_port", str(port), "--mixed_precision", "bf16" if bf16 else "no",
-               str(REPO / script), *map(str, args)]
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "accelerate_configs" / f"deepspeed_zero{stage}.yaml"),
+            "--num_processes",
+            str(num_processes),
+            "--main_process_port",
+            str(port),
+            "--mixed_precision",
+            "bf16" if bf16 else "no",
+            str(REPO / script),
+            *map(str, args),
+        ]
+        proc = subprocess.run(
+            cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
     return run

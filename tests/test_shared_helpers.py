@@ -31,7 +31,11 @@ def definitions(script):
     for node in ast.parse(source).body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             out[node.name] = ast.get_source_segment(source, node)
-        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+        elif (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+        ):
             out[node.targets[0].id] = ast.get_source_segment(source, node)
     return out
 
@@ -56,7 +60,9 @@ def test_a_function_in_two_scripts_is_on_the_identity_list():
     defined = {s: {n for n in definitions(s) if not n.startswith("_")} for s in SCRIPTS}
     for a, b in combinations(SCRIPTS, 2):
         both = defined[a] & defined[b] - set(SHARED) - STAGE_OWN - KNOWN_DRIFT
-        assert not both, f"{sorted(both)} are defined in both {a} and {b} but are not shared helpers"
+        assert not both, (
+            f"{sorted(both)} are defined in both {a} and {b} but are not shared helpers"
+        )
 
 
 @pytest.mark.parametrize("script", ALL_SCRIPTS)
@@ -95,7 +101,11 @@ def test_shared_helpers_only_use_names_the_script_defines(script):
                 for a in n.args + n.kwonlyargs + [n.vararg, n.kwarg]
                 if a is not None
             }
-            local |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            local |= {
+                n.id
+                for n in ast.walk(node)
+                if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
+            }
             local |= {
                 n.name
                 for n in ast.walk(node)
@@ -107,7 +117,11 @@ def test_shared_helpers_only_use_names_the_script_defines(script):
                 if isinstance(n, (ast.Import, ast.ImportFrom))
                 for a in n.names
             }
-            read = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+            read = {
+                n.id
+                for n in ast.walk(node)
+                if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+            }
             missing = read - local - module_names
             assert not missing, f"{script}:{node.name} reads undefined {missing}"
 
@@ -120,6 +134,6 @@ def test_help_says_what_the_script_does_and_documents_every_argument(script, run
     source = (REPO / script).read_text()
     for field in dataclasses.fields(importlib.import_module(script[:-3]).Args):
         assert f"--{field.name.replace('_', '-')}" in flat, field.name
-        doc = re.search(rf"\n    {field.name}: [^\n]*\n    \"\"\"(.+?)\"\"\"", source, re.S)
+        doc = re.search(rf"\n    {field.name}: [^\n]*\n    \"\"\"(.+?)\"\"\"", source, re.DOTALL)
         assert doc, f"{field.name} has no docstring"
         assert " ".join(doc.group(1).split()[:4]) in flat, field.name

@@ -19,5 +19,5 @@ if os.environ.get("LOCAL_RANK") is not None:
             return found, distributed_type
 
         PartialState._prepare_backend = _prepare_backend
-    except Exception:  # accelerate absent or changed: behave as without the shim
+    except ImportError:  # accelerate absent: behave as without the shim
         pass
