@@ -399,6 +399,9 @@ def run_accelerate():
     return run
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 @pytest.fixture(scope="session")
 def run_deepspeed():
     """DeepSpeed ZeRO-2/3 on 2 CPU processes (DESIGN section 7) through the shipped config files:
@@ -406,30 +409,37 @@ def run_deepspeed():
     test-only sitecustomize in tests/deepspeed_shim makes accelerate accept that backend."""
 
     def run(script, *args, stage=2, bf16=False, num_processes=2, check=True, timeout=600):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         env = _env()
         env.pop("ACCELERATE_USE_CPU")  # it would switch DeepSpeed off
         env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO / "tests" / "deepspeed_shim"))
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(REPO / "accelerate_configs" / f"deepspeed_zero{stage}.yaml"),
-            "--num_processes",
-            str(num_processes),
-            "--main_process_port",
-            str(port),
-            "--mixed_precision",
-            "bf16" if bf16 else "no",
-            str(REPO / script),
-            *map(str, args),
-        ]
-        proc = subprocess.run(
-            cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-        )
+        for attempt in range(2):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            cmd = [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(REPO / "accelerate_configs" / f"deepspeed_zero{stage}.yaml"),
+                "--num_processes",
+                str(num_processes),
+                "--main_process_port",
+                str(port),
+                "--mixed_precision",
+                "bf16" if bf16 else "no",
+                str(REPO / script),
+                *map(str, args),
+                *(["--overwrite_output_dir"] if attempt else []),  # the first try wrote its run
+            ]
+            proc = subprocess.run(
+                cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+            )
+            # Known, not root-caused: now and then a DeepSpeed-on-CPU worker aborts while the
+            # interpreter exits, after the script has finished (about 1 launch in 30 here; the review
+            # saw it at f8cb464 too). Launch once more; a second abort fails the test.
+            if proc.returncode == 0 or TEARDOWN_ABORT not in proc.stderr:
+                break
         if check and proc.returncode != 0:
             raise AssertionError(
                 f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
