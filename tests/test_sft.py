@@ -362,7 +362,9 @@ def test_two_processes_match_one_process(
     assert eval_two == pytest.approx(eval_one, abs=1e-4)
 
 
-@pytest.mark.parametrize("stage,bf16", [(2, False), (2, True), (3, False), (3, True)])
+# Both stages and both precisions, at 3 launches of ~20 CPU-seconds each (ZeRO-2 bf16 is left out: the
+# stage-2 engine is the same as in fp32, and bf16 is covered under ZeRO-3, where it matters).
+@pytest.mark.parametrize("stage,bf16", [(2, False), (3, False), (3, True)])
 def test_deepspeed_zero(
     stage, bf16, tiny_model, data_files, ddp_run, run_deepspeed, weights, tmp_path
 ):
@@ -411,6 +413,7 @@ def test_deepspeed_config_with_other_accumulation_is_refused(
         "--output_dir",
         tmp_path / "out",
         stage=2,
+        num_processes=1,  # the refusal comes before any sharding: one process is enough
         check=False,
     )
     assert proc.returncode != 0

@@ -3,6 +3,7 @@ DeepSpeed on CPU processes. DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) tal
 backend detection finds no backend without CUDA and refuses; answer gloo there when a launcher started us.
 Put this directory on the launched processes' PYTHONPATH; it never ships with a script."""
 
+import importlib
 import os
 
 if os.environ.get("LOCAL_RANK") is not None:
@@ -21,3 +22,12 @@ if os.environ.get("LOCAL_RANK") is not None:
         PartialState._prepare_backend = _prepare_backend
     except ImportError:  # accelerate absent: behave as without the shim
         pass
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel (deepspeed_shm_comm, ~60 s
+        # of C++ on 2 cores the first time). It is a CPU-only speed-up that no GPU run uses; plain gloo
+        # all-reduce is what the tests need, so skip the build.
+        # (importlib: the attribute deepspeed.comm.torch is the torch package, not this module)
+        try:
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        except ImportError:
+            pass
