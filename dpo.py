@@ -981,21 +981,9 @@ def main(args: Args):
     )
     if resume_from is not None:
         step = json.loads((resume_from / "step.json").read_text())["step"]
-    error = None
-    if accelerator.is_main_process:  # refuse to mix runs; all processes stop on the same verdict
-        try:
-            resuming = resume_from or (Path(policy_path) if policy_path else None)
-            prepare_output_dir(args, resuming)
-            if (
-                resuming is None and args.overwrite_output_dir
-            ):  # a later resume would pick a stale iter_K
-                for stale in Path(args.output_dir).glob("iter_*"):
-                    shutil.rmtree(stale)
-        except DataError as e:
-            error = str(e)
-    error = broadcast_object_list([error])[0]
-    if error:
-        raise DataError(error)
+    resuming = resume_from or (Path(policy_path) if policy_path else None)
+    # refuse to mix runs (--overwrite_output_dir also clears iter_K, which a later resume would pick)
+    on_main(accelerator, prepare_output_dir, args, resuming)
     accelerator.init_trackers("dpo", config=asdict(args))
     log = MetricsLog(accelerator, args.output_dir, resume_step=step)
     ref_path = args.ref_model_name_or_path or args.model_name_or_path
@@ -1541,6 +1529,19 @@ RESUME_MAY_CHANGE = {
 }
 
 
+def on_main(accelerator, fn, *fn_args):
+    """Run fn on the main process; every process raises the same DataError if it failed (no hang)."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            fn(*fn_args)
+        except DataError as e:
+            error = str(e)
+    error = broadcast_object_list([error])[0]
+    if error:
+        raise DataError(error)
+
+
 def prepare_output_dir(args, resume_from: Path | None):
     """Refuse to mix runs: a directory that holds a run needs --overwrite_output_dir (which clears it) or a
     resume; a resume must use the saved arguments, apart from the step budget and logging. Main process."""
@@ -1559,11 +1560,12 @@ def prepare_output_dir(args, resume_from: Path | None):
                 f"{out} already holds a run; pass --overwrite_output_dir, "
                 "--resume_from_checkpoint latest, or another --output_dir"
             )
-        for name in ("checkpoints", "metrics.jsonl", "samples.jsonl", "best"):
-            if (out / name).is_dir():
-                shutil.rmtree(out / name)
-            elif (out / name).exists():
-                (out / name).unlink()
+        old_outputs = ("checkpoints", "metrics.jsonl", "samples.jsonl", "best")
+        for path in [*(out / name for name in old_outputs), *out.glob("iter_*")]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(asdict(args), indent=2))
 

@@ -365,19 +365,6 @@ def write_eval_results(metrics: dict, n_pairs: int, split: str, output_dir):
     (Path(output_dir) / "eval_results.json").write_text(json.dumps(results, indent=2))
 
 
-def on_main(accelerator, fn, *fn_args):
-    """Run fn on the main process; every process raises the same DataError if it failed (no hang)."""
-    error = None
-    if accelerator.is_main_process:
-        try:
-            fn(*fn_args)
-        except DataError as e:
-            error = str(e)
-    error = broadcast_object_list([error])[0]
-    if error:
-        raise DataError(error)
-
-
 # ---- main, in phases: check -> data -> model -> prepare -> train -> statistics and save ----
 
 
@@ -948,6 +935,19 @@ RESUME_MAY_CHANGE = {
 }
 
 
+def on_main(accelerator, fn, *fn_args):
+    """Run fn on the main process; every process raises the same DataError if it failed (no hang)."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            fn(*fn_args)
+        except DataError as e:
+            error = str(e)
+    error = broadcast_object_list([error])[0]
+    if error:
+        raise DataError(error)
+
+
 def prepare_output_dir(args, resume_from: Path | None):
     """Refuse to mix runs: a directory that holds a run needs --overwrite_output_dir (which clears it) or a
     resume; a resume must use the saved arguments, apart from the step budget and logging. Main process."""
@@ -966,11 +966,12 @@ def prepare_output_dir(args, resume_from: Path | None):
                 f"{out} already holds a run; pass --overwrite_output_dir, "
                 "--resume_from_checkpoint latest, or another --output_dir"
             )
-        for name in ("checkpoints", "metrics.jsonl", "samples.jsonl", "best"):
-            if (out / name).is_dir():
-                shutil.rmtree(out / name)
-            elif (out / name).exists():
-                (out / name).unlink()
+        old_outputs = ("checkpoints", "metrics.jsonl", "samples.jsonl", "best")
+        for path in [*(out / name for name in old_outputs), *out.glob("iter_*")]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(asdict(args), indent=2))
 

@@ -18,7 +18,7 @@ SHARED = [
     "render_chat", "encode_prompt", "encode_completion", "truncate", "pad", "position_ids_from",
     "token_logprobs", "last_token_index", "score_tokens", "check_model_path", "load_pretrained",
     "load_tokenizer", "disable_dropout", "check_finite", "generation_config", "MetricsLog",
-    "RESUME_MAY_CHANGE", "prepare_output_dir", "save_model", "save_checkpoint", "find_checkpoint",
+    "RESUME_MAY_CHANGE", "on_main", "prepare_output_dir", "save_model", "save_checkpoint", "find_checkpoint",
     "load_checkpoint", "prepare_frozen", "check_reward_model", "load_reward_fn", "call_reward_fn",
     "apply_missing_eos_penalty", "to_prompts",
 ]  # fmt: skip
