@@ -232,10 +232,8 @@ def tokenize_sft(
                 continue
             prompt_ids, completion_ids, was_truncated = out
             n_truncated += was_truncated
-            ids, mask = (
-                prompt_ids + completion_ids,
-                [0] * len(prompt_ids) + [1] * len(completion_ids),
-            )
+            ids = prompt_ids + completion_ids
+            mask = [0] * len(prompt_ids) + [1] * len(completion_ids)
         if sum(mask[1:]) == 0:  # the first token is never a target
             dropped["prompt leaves no room within max_length"] += 1
             continue
@@ -407,13 +405,10 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
     )
-    plugin = (
-        accelerator.state.deepspeed_plugin
-    )  # DeepSpeed clips inside its step, at its config's norm
+    # DeepSpeed clips inside its own step, at its config's norm ('auto' would be accelerate's 1.0)
+    plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
-        plugin.deepspeed_config["gradient_clipping"] = (
-            args.max_grad_norm
-        )  # (accelerate's auto: 1.0)
+        plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
     model, optimizer, train_loader, eval_loader = accelerator.prepare(
         model, optimizer, train_loader, eval_loader
     )
@@ -429,12 +424,9 @@ def main(args: Args):
     total_steps = (
         args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     )
-    scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer,
-        num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )  # not prepared: accelerate would step it once per process
+    # not prepared: accelerate would step it once per process
+    warmup = math.ceil(args.warmup_ratio * total_steps)
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, warmup, total_steps)
 
     # ---- resume: accelerate's state, plus our own (step, scheduler) from step.json ----
     step = 0
@@ -453,25 +445,19 @@ def main(args: Args):
     # ---- train ----
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="sft")
-    window = torch.zeros(
-        3, device=accelerator.device
-    )  # loss sum, completion tokens, tokens: global
+    window = torch.zeros(3, device=accelerator.device)  # global loss sum, completion tokens, tokens
     window_start = time.time()
     while step < total_steps:
-        train_loader.set_epoch(
-            step // steps_per_epoch
-        )  # the same data order on every process and after a resume
+        # the same data order on every process and after a resume
+        train_loader.set_epoch(step // steps_per_epoch)
         skip = (step % steps_per_epoch) * ga
         batches = iter(accelerator.skip_first_batches(train_loader, skip) if skip else train_loader)
         for _ in range(steps_per_epoch - step % steps_per_epoch):
             micro = list(islice(batches, ga))
             # Normalize by the completion tokens of the whole global batch, so 1 process and N processes
             # (and any accumulation) give the same gradient; DDP averages over processes, hence the factor.
-            n_tokens = (
-                accelerator.gather(sum(b["loss_mask"][:, 1:].sum() for b in micro))
-                .sum()
-                .clamp(min=1)
-            )
+            local_tokens = sum(b["loss_mask"][:, 1:].sum() for b in micro)
+            n_tokens = accelerator.gather(local_tokens).sum().clamp(min=1)
             local = torch.zeros(2, device=accelerator.device)  # this process: loss sum, tokens
             for i, batch in enumerate(micro):
                 with accelerator.accumulate(model):
@@ -480,9 +466,8 @@ def main(args: Args):
                     local += torch.stack(
                         [loss_sum.detach().float(), batch["attention_mask"].sum().float()]
                     )
-                    if (
-                        i == ga - 1
-                    ):  # before the backward that steps (DeepSpeed steps inside backward)
+                    # before the backward that steps (DeepSpeed steps inside backward)
+                    if i == ga - 1:
                         step_sums = accelerator.reduce(local, "sum")  # one sync per optimizer step
                         check_finite(step_sums[0], "train/loss", step + 1)
                     accelerator.backward(loss_sum * accelerator.num_processes * ga / n_tokens)
