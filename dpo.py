@@ -180,22 +180,21 @@ def dpo_loss(
 ):
     """Per-pair losses and the implicit rewards of chosen and rejected responses (all [B]).
 
-    Eq. 6: the reward a policy implies is r(x, y) = beta * log(pi_theta(y|x) / pi_ref(y|x)) (+ C(x)).
+    Eq. 6: the reward a policy implies is r(x, y) = beta * log(pi_theta(y|x) / pi_ref(y|x)) + C(x).
     Eq. 7: DPO is the Bradley-Terry loss of that reward, -log sigmoid(beta * h), where
     h = log(pi_theta(y_w)/pi_ref(y_w)) - log(pi_theta(y_l)/pi_ref(y_l)).
     label_smoothing eps > 0 is conservative DPO: a fraction eps of the labels is assumed flipped,
     -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
-    ipo: (h - 1/(2 beta))^2 regresses the margin to a finite target instead of pushing it to infinity.
-    Here h sums the response's token log-probs (TRL divides each side by its length, so the same beta
-    is a different strength there): the target 1/(2 beta) is per sequence.
+    ipo: (h - 1/(2 beta))^2 regresses the margin to a finite target instead of pushing it to
+    infinity. Here h sums the response's token log-probs (TRL divides each side by its length, so
+    the same beta is a different strength there): the target 1/(2 beta) is per sequence.
     """
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     h = chosen_logratios - rejected_logratios
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(
-            -beta * h
-        )
+    if loss_type == "sigmoid":  # Eq. 7; eps > 0: conservative DPO
+        eps = label_smoothing
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     else:
@@ -207,8 +206,8 @@ def dpo_loss(
 def sequence_logps(
     logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
 ) -> torch.Tensor:
-    """log pi(y|x) = sum of the completion tokens' log-probabilities; prompt and padding count nothing.
-    logits[:, t] predicts input_ids[:, t + 1], hence the shift. -> [B]"""
+    """log pi(y|x) = the sum of the completion tokens' log-probabilities (prompt and padding count
+    nothing). logits[:, t] predicts input_ids[:, t + 1], hence the shift. -> [B]"""
     logps = token_logprobs(logits[:, :-1], input_ids[:, 1:])
     # Summed in float64: a float32 sum's rounding depends on the padded width, which differs between
     # batchings (and logits_to_keep), and step-0 margins would no longer be exactly 0.
@@ -216,8 +215,8 @@ def sequence_logps(
 
 
 def concatenated_forward(model, batch: dict):
-    """log pi(y_w|x) and log pi(y_l|x) from ONE forward pass: the batch holds the chosen rows, then the
-    rejected rows (one padding width, and under ZeRO-3 one gather of the weights instead of two).
+    """log pi(y_w|x) and log pi(y_l|x) from ONE forward pass: the batch holds the chosen rows, then
+    the rejected rows (one padding width; under ZeRO-3 one gather of the weights instead of two).
     Logits only from the first position that predicts a response token on (logits_to_keep): the
     vocabulary-wide logits of the prompt positions are never built; no KV cache."""
     mask, ids, completion = batch["attention_mask"], batch["input_ids"], batch["completion_mask"]
@@ -238,35 +237,19 @@ def concatenated_forward(model, batch: dict):
 def pair_stats(model, ref_model, batch, args):
     """Losses [B] and the per-pair statistics that feed the metrics: [B, 7]
     (loss, reward chosen, reward rejected, margin, accuracy, logp chosen, logp rejected)."""
-    policy_chosen, policy_rejected = concatenated_forward(model, batch)
+    policy_logps = concatenated_forward(model, batch)  # (chosen, rejected)
     if "ref_chosen_logps" in batch:  # precomputed: no reference model in memory
-        ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        ref_logps = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     else:
         with torch.no_grad():
-            ref_chosen, ref_rejected = concatenated_forward(ref_model, batch)
+            ref_logps = concatenated_forward(ref_model, batch)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
-        policy_chosen,
-        policy_rejected,
-        ref_chosen,
-        ref_rejected,
-        args.beta,
-        args.loss_type,
-        args.label_smoothing,
+        *policy_logps, *ref_logps, args.beta, args.loss_type, args.label_smoothing
     )
     margins = chosen_rewards - rejected_rewards
-    stats = torch.stack(
-        [
-            losses.detach(),
-            chosen_rewards,
-            rejected_rewards,
-            margins,
-            (margins > 0).float(),
-            policy_chosen.detach(),
-            policy_rejected.detach(),
-        ],
-        dim=-1,
-    )
-    return losses, stats
+    accuracies = (margins > 0).float()
+    stats = [losses, chosen_rewards, rejected_rewards, margins, accuracies, *policy_logps]
+    return losses, torch.stack([s.detach() for s in stats], dim=-1)
 
 
 # ---- DPO-Iter (Sec. 4.3): sample from the policy, score, pair the best with the worst ----
@@ -274,8 +257,8 @@ def pair_stats(model, ref_model, batch, args):
 
 def best_worst_pairs(scores: list, k: int):
     """Per prompt (k consecutive samples): (best index, worst index), or None when all k scores tie.
-    Best-vs-worst of k is our choice (as RLHFlow / Xiong et al. do); the paper only says it labels the
-    samples with a reward model. It gives each prompt its clearest pair."""
+    Best-vs-worst of k is our choice (as RLHFlow / Xiong et al. do), giving each prompt its clearest
+    pair; the paper only says it labels the samples with a reward model."""
     out = []
     for start in range(0, len(scores), k):
         group = scores[start : start + k]
@@ -285,15 +268,17 @@ def best_worst_pairs(scores: list, k: int):
 
 
 def first_eos_cut(ids: list, eos_id: int):
-    """A sampled response up to and including its first EOS (later positions are padding) -> (ids, finished)."""
+    """A sampled response up to and including its first EOS (the rest is padding).
+    -> (ids, finished)"""
     return (ids[: ids.index(eos_id) + 1], True) if eos_id in ids else (ids, False)
 
 
 @torch.no_grad()
 def sample_responses(accelerator, model, tokenizer, prompt_ids: list, args) -> list:
-    """args.samples_per_prompt responses per prompt, in eval mode (gradient checkpointing drops the KV
-    cache in train mode), with exactly our sampling settings (nothing from generation_config.json).
-    Under ZeRO-3 the weights are gathered once for the whole rollout. -> [(ids, finished)], prompt-major."""
+    """args.samples_per_prompt responses per prompt, in eval mode (gradient checkpointing drops the
+    KV cache in train mode), with exactly our sampling settings (none from generation_config.json).
+    Under ZeRO-3 the weights are gathered once for the whole rollout.
+    -> [(ids, finished)], prompt-major"""
     unwrapped = accelerator.unwrap_model(model)
     config = generation_config(
         tokenizer, args.max_new_tokens, True, args.temperature, args.top_k, args.top_p
@@ -310,23 +295,19 @@ def sample_responses(accelerator, model, tokenizer, prompt_ids: list, args) -> l
     with gathered, accelerator.autocast():
         for start in range(0, len(prompt_ids), args.generation_batch_size):
             chunk = prompt_ids[start : start + args.generation_batch_size]
-            batch = {
-                "input_ids": pad(chunk, tokenizer.pad_token_id, "left").to(accelerator.device),
-                "attention_mask": pad([[1] * len(p) for p in chunk], 0, "left").to(
-                    accelerator.device
-                ),
-            }
+            ids = pad(chunk, tokenizer.pad_token_id, "left").to(accelerator.device)
+            mask = pad([[1] * len(p) for p in chunk], 0, "left").to(accelerator.device)
             generated = unwrapped.generate(
-                **batch,
+                input_ids=ids,
+                attention_mask=mask,
                 generation_config=config,
                 synced_gpus=False,
                 num_return_sequences=args.samples_per_prompt,
             )
-            out += [
-                first_eos_cut(r, tokenizer.eos_token_id)
-                for r in generated[:, batch["input_ids"].shape[1] :].tolist()
-            ]
-    unwrapped.generation_config = original  # the saved model keeps its own
+            responses = generated[:, ids.shape[1] :].tolist()
+            out += [first_eos_cut(r, tokenizer.eos_token_id) for r in responses]
+    # the saved model keeps its own generation_config
+    unwrapped.generation_config = original
     return out
 
 
@@ -340,30 +321,26 @@ def reward_model_inputs(
     if rm_tokenizer.get_vocab() == tokenizer.get_vocab():
         return prompt_ids + response_ids
     text = tokenizer.decode(response_ids, skip_special_tokens=True)
-    if finished:
-        completion = [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
-        return encode_prompt(rm_tokenizer, prompt) + encode_completion(
-            rm_tokenizer, prompt, completion
-        )
-    return (
-        encode_prompt(rm_tokenizer, prompt) + rm_tokenizer(text, add_special_tokens=False).input_ids
-    )
+    rm_prompt_ids = encode_prompt(rm_tokenizer, prompt)
+    if not finished:
+        return rm_prompt_ids + rm_tokenizer(text, add_special_tokens=False).input_ids
+    completion = [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+    return rm_prompt_ids + encode_completion(rm_tokenizer, prompt, completion)
 
 
 def prompt_text(tokenizer, prompt) -> str:
-    return (
-        render_chat(tokenizer, prompt, add_generation_prompt=True)
-        if isinstance(prompt, list)
-        else prompt
-    )
+    """The prompt as the labeller and pairs.jsonl see it (messages rendered by the chat template)."""
+    if isinstance(prompt, list):
+        return render_chat(tokenizer, prompt, add_generation_prompt=True)
+    return prompt
 
 
 @torch.no_grad()
 def score_samples(
     accelerator, args, tokenizer, reward_fn, reward_model, rm_tokenizer, prompts, samples
 ) -> list:
-    """One score per sample from the reward function or the reward model (its scalar head at the last
-    real token), then the missing-EOS penalty (Tulu 2.5 App. F, as in ppo.py) on unfinished samples."""
+    """One score per sample from the reward function or the reward model (its scalar head at the
+    last real token), then the missing-EOS penalty (Tulu 2.5 App. F, as in ppo.py)."""
     finished = [f for _, f in samples]
     if reward_fn is not None:
         scores = call_reward_fn(
@@ -393,8 +370,8 @@ def score_samples(
 
 def build_iteration_pairs(accelerator, args, policy, tokenizer, prompts: list, score, name: str):
     """Sample k responses per prompt from the current policy (each process a share of the prompts),
-    score them, and pair each prompt's best response (chosen) with its worst (rejected); prompts whose
-    samples all tie, or whose best and worst are the same text, are skipped and counted."""
+    score them, and pair each prompt's best response (chosen) with its worst (rejected); prompts
+    whose samples all tie, or whose best and worst are the same text, are skipped and counted."""
     k = args.samples_per_prompt
     error = None
     with accelerator.split_between_processes(list(range(len(prompts))), apply_padding=True) as mine:
@@ -402,35 +379,26 @@ def build_iteration_pairs(accelerator, args, policy, tokenizer, prompts: list, s
             accelerator, policy, tokenizer, [prompts[i]["prompt_ids"] for i in mine], args
         )
         owners = [i for i in mine for _ in range(k)]
+        # A labelling error stops every process, not only the one whose samples failed.
         try:
             scores = score([prompts[i] for i in owners], samples)
-        except (
-            DataError
-        ) as e:  # every process must stop on it, not only the one whose samples failed
+        except DataError as e:
             error, scores = str(e), [0.0] * len(samples)
-        local = [(owners[j], samples[j][0], samples[j][1], scores[j]) for j in range(len(samples))]
+        local = [(i, ids, f, s) for i, (ids, f), s in zip(owners, samples, scores)]
     errors = [e for e in gather_object([error]) if e]
     if errors:
         raise DataError(errors[0])
     gathered = gather_object(local)
-    check_finite(
-        torch.tensor([s for *_, s in gathered]), f"{name} reward", 0
-    )  # (a reward model's NaN)
+    # a reward model's NaN stops the run here
+    check_finite(torch.tensor([s for *_, s in gathered]), f"{name} reward", 0)
     by_prompt = {}
-    for i, ids, finished, score_ in gathered:  # padding duplicated some prompts: keep one copy
-        by_prompt.setdefault(i, []).append((ids, finished, score_))
-    pairs, n_truncated, n_dropped, n_ties, n_identical, n_unfinished_chosen, all_scores = (
-        [],
-        0,
-        0,
-        0,
-        0,
-        0,
-        [],
-    )
-    groups = [by_prompt[i][:k] for i in sorted(by_prompt)]
-    for i, group in zip(sorted(by_prompt), groups):
-        all_scores += [s for _, _, s in group]
+    for i, ids, finished, s in gathered:
+        by_prompt.setdefault(i, []).append((ids, finished, s))
+    # padding duplicated some prompts: keep one copy
+    groups = {i: by_prompt[i][:k] for i in sorted(by_prompt)}
+    all_scores = [s for group in groups.values() for _, _, s in group]
+    pairs, n_truncated, n_dropped, n_ties, n_identical, n_unfinished_chosen = [], 0, 0, 0, 0, 0
+    for i, group in groups.items():
         choice = best_worst_pairs([s for _, _, s in group], k)[0]
         if choice is None:
             n_ties += 1
@@ -443,17 +411,18 @@ def build_iteration_pairs(accelerator, args, policy, tokenizer, prompts: list, s
         if out is None:
             n_dropped += 1
             continue
-        out[0]["record"] = {
-            "prompt": prompt_text(tokenizer, prompts[i]["prompt"]),  # for iter_K/pairs.jsonl
+        pair, truncated = out
+        pair["record"] = {  # for iter_K/pairs.jsonl
+            "prompt": prompt_text(tokenizer, prompts[i]["prompt"]),
             "chosen": tokenizer.decode(best_ids, skip_special_tokens=True),
             "chosen_score": best,
             "rejected": tokenizer.decode(worst_ids, skip_special_tokens=True),
             "rejected_score": worst,
         }
-        pairs.append(out[0])
-        n_truncated += out[1]
+        pairs.append(pair)
+        n_truncated += truncated
         n_unfinished_chosen += not best_finished
-    unfinished = sum(not f for g in groups for _, f, _ in g) / max(len(all_scores), 1)
+    unfinished = sum(not f for g in groups.values() for _, f, _ in g) / max(len(all_scores), 1)
     accelerator.print(
         f"{name}: {len(pairs)} pairs from {len(groups)} prompts x {k} samples, "
         f"{n_ties} skipped (all samples tied), {n_identical} skipped (best and worst identical), "
@@ -485,8 +454,8 @@ def make_pair(
     max_length: int,
     max_prompt_length: int | None,
 ):
-    """-> ({chosen_input_ids, chosen_mask, rejected_input_ids, rejected_mask}, truncated) or None when the
-    prompt leaves no room for a response. Both responses share the same (equally truncated) prompt."""
+    """-> ({chosen_input_ids, chosen_mask, rejected_input_ids, rejected_mask}, truncated), or None
+    when the prompt leaves no room for a response. Both responses share one (truncated) prompt."""
     c = truncate(prompt_ids, chosen_ids, max_length, max_prompt_length)
     r = truncate(prompt_ids, rejected_ids, max_length, max_prompt_length)
     if c is None or r is None:
@@ -504,9 +473,9 @@ def make_pair(
 def tokenize_preference(
     ds: Dataset, tokenizer, max_length: int, max_prompt_length: int | None, name: str
 ) -> list:
-    """prompt/chosen/rejected rows -> list of pairs. Pairs whose chosen and rejected are the same tokens
-    (as given, or once truncated) carry no signal (zero gradient, scored as wrong): dropped and counted,
-    as reward_model.py does."""
+    """prompt/chosen/rejected rows -> list of pairs. Pairs whose chosen and rejected are the same
+    tokens (as given, or once truncated) carry no signal (zero gradient, scored as wrong): dropped
+    and counted, as reward_model.py does."""
     pairs, n_truncated, n_dropped, n_identical = [], 0, 0, 0
     for row in ds:
         prompt_ids = encode_prompt(tokenizer, row["prompt"])
@@ -525,8 +494,9 @@ def tokenize_preference(
             pairs.append(out[0])
             n_truncated += out[1]
     print(
-        f"{name}: {len(pairs)} pairs, {n_truncated} truncated, {n_dropped} dropped (prompt leaves no room "
-        f"for a response within max_length={max_length}), {n_identical} dropped (chosen identical to rejected)"
+        f"{name}: {len(pairs)} pairs, {n_truncated} truncated, {n_dropped} dropped (prompt leaves "
+        f"no room for a response within max_length={max_length}), {n_identical} dropped (chosen "
+        "identical to rejected)"
     )
     if not pairs and n_identical:
         raise DataError(
@@ -569,7 +539,8 @@ def to_prompts(ds: Dataset, filter: str = "none") -> list:
         for i, messages in enumerate(ds["messages"]):
             if isinstance(messages, str):  # check_text accepts a string: messages must be a list
                 raise DataError(
-                    f"row {i}, column 'messages': expected a list of {{role, content}} messages, found str"
+                    f"row {i}, column 'messages': expected a list of {{role, content}} messages, "
+                    "found str"
                 )
             check_text(messages, "messages", i)
             last = max(
@@ -596,7 +567,8 @@ def to_prompts(ds: Dataset, filter: str = "none") -> list:
 def tokenize_prompts(
     prompts: list, tokenizer, max_length: int, max_prompt_length: int | None, name: str
 ) -> list:
-    """-> list of {prompt, prompt_ids}; prompts keep their end; prompts with no room for a response are dropped."""
+    """-> list of {prompt, prompt_ids}; long prompts keep their end; prompts that leave no room for
+    a response are dropped."""
     out, n_truncated, n_dropped = [], 0, 0
     for prompt in prompts:
         kept = truncate(encode_prompt(tokenizer, prompt), [], max_length, max_prompt_length)
@@ -631,10 +603,9 @@ STAT_NAMES = [
 
 
 def stat_metrics(total: torch.Tensor, prefix: str) -> dict:
-    """[8] = (sums of the 7 statistics, pair count) -> means, named for the ecosystem (DESIGN section 6)."""
-    names = [
-        ("train/loss" if n == "loss" else n) if prefix == "" else f"eval/{n}" for n in STAT_NAMES
-    ]
+    """[8] = (sums of the 7 statistics, pair count) -> means, named for the ecosystem (DESIGN
+    section 6): train/loss and rewards/... as TRL logs them, eval/... for prefix "eval"."""
+    names = ["train/loss", *STAT_NAMES[1:]] if prefix == "" else [f"eval/{n}" for n in STAT_NAMES]
     return {name: (total[i] / total[-1]).item() for i, name in enumerate(names)}
 
 
@@ -648,10 +619,8 @@ def compute_ref_logps(accelerator, model, pairs: list, batch_size: int, pad_id: 
     with accelerator.split_between_processes(list(range(len(pairs))), apply_padding=True) as mine:
         for start in range(0, len(mine), batch_size):
             idx = mine[start : start + batch_size]
-            batch = {
-                k: v.to(accelerator.device)
-                for k, v in collate_pairs([pairs[i] for i in idx], pad_id).items()
-            }
+            batch = collate_pairs([pairs[i] for i in idx], pad_id)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():
                 chosen, rejected = concatenated_forward(model, batch)
             results += list(zip(idx, chosen.float().tolist(), rejected.float().tolist()))
@@ -661,6 +630,7 @@ def compute_ref_logps(accelerator, model, pairs: list, batch_size: int, pad_id: 
 
 @torch.no_grad()
 def evaluate(accelerator, model, ref_model, loader, args) -> dict:
+    """The mean pair statistics over the whole eval set (every process's share) -> eval/ metrics."""
     model.eval()
     rows = []
     for batch in loader:
@@ -669,9 +639,8 @@ def evaluate(accelerator, model, ref_model, loader, args) -> dict:
         rows.append(accelerator.gather_for_metrics(stats.float()))
     model.train()
     rows = torch.cat(rows)
-    return stat_metrics(
-        torch.cat([rows.sum(0), torch.tensor([len(rows)], device=rows.device)]), "eval"
-    )
+    count = torch.tensor([len(rows)], device=rows.device)
+    return stat_metrics(torch.cat([rows.sum(0), count]), "eval")
 
 
 def train_dpo(
@@ -688,7 +657,7 @@ def train_dpo(
     checkpoints: bool = True,
     save_to: tuple = (),
 ):
-    """One DPO run over fixed pairs; global step numbers continue from `step`. Returns the final step."""
+    """One DPO run over fixed pairs; global step numbers continue from `step`. -> the final step"""
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
     )
@@ -699,19 +668,17 @@ def train_dpo(
     eval_loader = torch.utils.data.DataLoader(
         evals, batch_size=args.per_device_eval_batch_size, collate_fn=collate
     )
-    ga = args.gradient_accumulation_steps  # one optimizer step = per_device batch x processes x ga
-    if math.ceil(len(train_loader) / accelerator.num_processes) < ga:  # accelerate's shard length
+    # one optimizer step = per_device batch x processes x ga; accelerate shards the loader
+    ga = args.gradient_accumulation_steps
+    if math.ceil(len(train_loader) / accelerator.num_processes) < ga:
         raise DataError(
             f"{len(train)} training pairs make no full step of "
             f"{args.per_device_train_batch_size} x {accelerator.num_processes} x {ga}"
         )
-    plugin = (
-        accelerator.state.deepspeed_plugin
-    )  # DeepSpeed clips inside its step, at its config's norm
+    # DeepSpeed clips inside its step, at its config's norm (accelerate's "auto" would be 1.0)
+    plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
-        plugin.deepspeed_config["gradient_clipping"] = (
-            args.max_grad_norm
-        )  # (accelerate's auto: 1.0)
+        plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
     policy, optimizer, train_loader, eval_loader = accelerator.prepare(
         policy, optimizer, train_loader, eval_loader
     )
@@ -721,22 +688,21 @@ def train_dpo(
             f"{accelerator.gradient_accumulation_steps}, the script {ga}: set them equal "
             "(or 'auto' in the config)"
         )
-    torch.manual_seed(
-        args.seed + 100003 * accelerator.process_index
-    )  # own noise; data order stays shared
+    # each process its own noise; the data order stays shared
+    torch.manual_seed(args.seed + 100003 * accelerator.process_index)
 
-    steps_per_epoch = (
-        len(train_loader) // ga
-    )  # an incomplete trailing accumulation group is skipped
+    # an incomplete trailing accumulation group is skipped
+    steps_per_epoch = len(train_loader) // ga
     total_steps = (
         args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     )
+    # not prepared: accelerate would step it once per process
     scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer,
         num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
         num_training_steps=total_steps,
-    )  # not prepared: accelerate would step it per process
+    )
     start, done = step, 0
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from)
@@ -745,40 +711,32 @@ def train_dpo(
     if evals and args.eval_on_start and done == 0:
         log.log(evaluate(accelerator, policy, ref_model, eval_loader, args), start)
 
+    # ---- the training loop: one optimizer step per ga micro-batches ----
     policy.train()
     bar = tqdm(total=total_steps, initial=done, disable=not accelerator.is_main_process, desc="dpo")
     window, window_tokens, window_start = torch.zeros(8, device=accelerator.device), 0, time.time()
     while done < total_steps:
-        train_loader.set_epoch(
-            done // steps_per_epoch
-        )  # the same data order on every process and after a resume
+        # the same data order on every process and after a resume
+        train_loader.set_epoch(done // steps_per_epoch)
         skip = (done % steps_per_epoch) * ga
         batches = iter(accelerator.skip_first_batches(train_loader, skip) if skip else train_loader)
         for _ in range(steps_per_epoch - done % steps_per_epoch):
             micro = list(islice(batches, ga))
-            # The mean loss over the pairs of the whole global batch, so 1 process and N processes (and any
-            # accumulation) give the same gradient; DDP averages over processes, hence the factor.
-            n_pairs = accelerator.gather(
-                torch.tensor(
-                    sum(len(b["input_ids"]) // 2 for b in micro), device=accelerator.device
-                )
-            ).sum()
+            # The mean loss over the pairs of the whole global batch, so 1 process and N processes
+            # (and any accumulation) give the same gradient. DDP averages over processes and
+            # accelerator.backward divides by ga, hence the two factors.
+            local_pairs = sum(len(b["input_ids"]) // 2 for b in micro)
+            n_pairs = accelerator.gather(torch.tensor(local_pairs, device=accelerator.device)).sum()
             local = torch.zeros(9, device=accelerator.device)  # 7 statistic sums, pairs, tokens
             for i, batch in enumerate(micro):
                 with accelerator.accumulate(policy):
                     with accelerator.autocast():
                         losses, stats = pair_stats(policy, ref_model, batch, args)
-                    local += torch.cat(
-                        [
-                            stats.float().sum(0),
-                            torch.tensor(
-                                [len(stats), batch["attention_mask"].sum()], device=stats.device
-                            ),
-                        ]
-                    )
-                    if (
-                        i == ga - 1
-                    ):  # before the backward that steps (DeepSpeed steps inside backward)
+                    tokens = batch["attention_mask"].sum()
+                    counts = torch.tensor([len(stats), tokens], device=stats.device)
+                    local += torch.cat([stats.float().sum(0), counts])
+                    # before the backward that steps (DeepSpeed steps inside backward)
+                    if i == ga - 1:
                         step_sums = accelerator.reduce(local, "sum")  # one sync per optimizer step
                         check_finite(step_sums[:7], "train/loss", start + done + 1)
                     accelerator.backward(losses.sum() * accelerator.num_processes * ga / n_pairs)
@@ -792,6 +750,7 @@ def train_dpo(
             done += 1
             bar.update(1)
 
+            # ---- log, evaluate, checkpoint ----
             if done % args.logging_steps == 0 or done == total_steps:
                 elapsed = max(time.time() - window_start, 1e-9)
                 metrics = {
@@ -810,18 +769,10 @@ def train_dpo(
                 window, window_tokens, window_start = torch.zeros_like(window), 0, time.time()
             if evals and (done % args.eval_steps == 0 or done == total_steps):
                 log.log(evaluate(accelerator, policy, ref_model, eval_loader, args), start + done)
-            if (
-                checkpoints
-                and args.save_steps > 0
-                and done % args.save_steps == 0
-                and done < total_steps
-            ):
-                save_checkpoint(
-                    accelerator,
-                    args.output_dir,
-                    start + done,
-                    {"scheduler": scheduler.state_dict()},
-                )
+            save_due = checkpoints and args.save_steps > 0 and done % args.save_steps == 0
+            if save_due and done < total_steps:
+                state = {"scheduler": scheduler.state_dict()}
+                save_checkpoint(accelerator, args.output_dir, start + done, state)
             if done >= total_steps:
                 break
     bar.close()
@@ -884,17 +835,18 @@ def check_args(args: Args) -> bool:
         raise DataError("give either --reward_model_name_or_path or --reward_fn, not both")
     if args.iterations > 1 and not online:
         raise DataError(
-            "--iterations > 1 (DPO-Iter) needs --reward_model_name_or_path or --reward_fn to label samples"
+            "--iterations > 1 (DPO-Iter) needs --reward_model_name_or_path or --reward_fn to label "
+            "samples"
         )
     if online and args.samples_per_prompt < 2:
         raise DataError("DPO-Iter needs --samples_per_prompt >= 2 to form a best/worst pair")
     if args.eval_only and (args.eval_split is None or online):
         raise DataError(
-            "--eval_only evaluates preference pairs: it needs --eval_split and no reward model/function"
+            "--eval_only evaluates preference pairs: it needs --eval_split and no reward "
+            "model/function"
         )
-    package = {"tensorboard": ["tensorboard", "tensorboardX"], "wandb": ["wandb"]}.get(
-        args.report_to, []
-    )
+    trackers = {"tensorboard": ["tensorboard", "tensorboardX"], "wandb": ["wandb"]}
+    package = trackers.get(args.report_to, [])
     if package and not any(importlib.util.find_spec(p) for p in package):
         raise DataError(
             f"--report_to {args.report_to}: the package is not installed (pip install {package[0]})"
@@ -906,10 +858,10 @@ def check_args(args: Args) -> bool:
 
 
 def load_policy(args, path: str):
-    """The trained policy: float32 weights (mixed precision comes from --bf16 autocast or DeepSpeed)."""
-    model = disable_dropout(
-        load_pretrained(AutoModelForCausalLM, path, torch.float32, args.trust_remote_code)
-    )
+    """The trained policy: float32 weights (mixed precision comes from --bf16 autocast or
+    DeepSpeed)."""
+    model = load_pretrained(AutoModelForCausalLM, path, torch.float32, args.trust_remote_code)
+    model = disable_dropout(model)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
         model.config.use_cache = False
@@ -917,7 +869,7 @@ def load_policy(args, path: str):
 
 
 def load_frozen(args, accelerator, cls, path: str):
-    """A frozen model (reference, reward model): bfloat16 only under --bf16; ZeRO-3 gives it an engine."""
+    """A frozen model (reference, reward model): bfloat16 under --bf16; ZeRO-3 gives it an engine"""
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     return prepare_frozen(accelerator, load_pretrained(cls, path, dtype, args.trust_remote_code))
 
@@ -942,11 +894,13 @@ def find_iteration(output_dir, resume_from_checkpoint: str | None):
 
 
 def main(args: Args):
-    # ---- arguments, labeller and data, checked before any model is loaded ----
+    # ---- arguments and labeller, checked before any model is loaded ----
     online = check_args(args)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     if args.reward_model_name_or_path:
         check_reward_model(args.reward_model_name_or_path, args.trust_remote_code)
+
+    # ---- accelerator, tokenizer and data: pairs (DPO) or prompts (DPO-Iter) ----
     accelerator = Accelerator(
         mixed_precision="bf16" if args.bf16 else None,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -958,60 +912,46 @@ def main(args: Args):
     )
     set_seed(args.seed)
     tokenizer = load_tokenizer(args)
+    eval_batch = args.per_device_eval_batch_size  # also the batch of reference-log-prob passes
 
     def load_data(split: str, name: str) -> list:
         ds = load_split(args.dataset_name, args.dataset_config, split)
+        limits = (args.max_length, args.max_prompt_length)
         if online:
-            return tokenize_prompts(
-                to_prompts(ds, args.filter),
-                tokenizer,
-                args.max_length,
-                args.max_prompt_length,
-                name,
-            )
-        return tokenize_preference(
-            to_preference(ds, args.filter), tokenizer, args.max_length, args.max_prompt_length, name
-        )
+            return tokenize_prompts(to_prompts(ds, args.filter), tokenizer, *limits, name)
+        return tokenize_preference(to_preference(ds, args.filter), tokenizer, *limits, name)
 
     train = [] if args.eval_only else load_data(args.train_split, "train")
     evals = load_data(args.eval_split, "eval") if args.eval_split else []
-    resume_from = None if online else find_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    first, step, policy_path = (
-        find_iteration(args.output_dir, args.resume_from_checkpoint) if online else (1, 0, None)
-    )
-    if resume_from is not None:
-        step = json.loads((resume_from / "step.json").read_text())["step"]
+
+    # ---- resume point (DPO: checkpoints/step_N; DPO-Iter: the last iter_K), output directory ----
+    first, step, policy_path, resume_from = 1, 0, None, None
+    if online:
+        first, step, policy_path = find_iteration(args.output_dir, args.resume_from_checkpoint)
+    else:
+        resume_from = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        if resume_from is not None:
+            step = json.loads((resume_from / "step.json").read_text())["step"]
     resuming = resume_from or (Path(policy_path) if policy_path else None)
-    # refuse to mix runs (--overwrite_output_dir also clears iter_K, which a later resume would pick)
+    # refuse to mix runs (--overwrite_output_dir also clears iter_K, which a resume would pick up)
     on_main(accelerator, prepare_output_dir, args, resuming)
     accelerator.init_trackers("dpo", config=asdict(args))
     log = MetricsLog(accelerator, args.output_dir, resume_step=step)
     ref_path = args.ref_model_name_or_path or args.model_name_or_path
 
     if not online:
-        # ---- DPO on the dataset's pairs ----
+        # ---- DPO on the dataset's pairs: the reference, then the policy ----
+        t0 = time.time()
+        ref_model = load_frozen(args, accelerator, AutoModelForCausalLM, ref_path)
         if args.precompute_ref_logps:
-            # The reference runs once, before the policy loads, and is deleted: one model at a time.
-            t0 = time.time()
-            ref_model = load_frozen(args, accelerator, AutoModelForCausalLM, ref_path)
+            # The reference runs once, before the policy loads, and is freed: one model at a time.
             for pairs in (train, evals):
-                compute_ref_logps(
-                    accelerator,
-                    ref_model,
-                    pairs,
-                    args.per_device_eval_batch_size,
-                    tokenizer.pad_token_id,
-                )
-            del ref_model
+                compute_ref_logps(accelerator, ref_model, pairs, eval_batch, tokenizer.pad_token_id)
+            ref_model = None
             accelerator.print(
                 f"precomputed reference log-probs of {len(train) + len(evals)} pairs in "
                 f"{time.time() - t0:.1f}s; the reference model is freed before the policy loads"
             )
-        ref_model = (
-            None
-            if args.precompute_ref_logps
-            else load_frozen(args, accelerator, AutoModelForCausalLM, ref_path)
-        )
         if args.eval_only:  # the policy is frozen too
             policy = load_frozen(args, accelerator, AutoModelForCausalLM, args.model_name_or_path)
             eval_loader = accelerator.prepare(
@@ -1026,6 +966,7 @@ def main(args: Args):
             accelerator.print(json.dumps(metrics))
         else:
             policy = load_policy(args, args.model_name_or_path)
+            # global step numbers start at 0; a resume continues from its checkpoint's
             train_dpo(
                 args,
                 accelerator,
@@ -1035,14 +976,13 @@ def main(args: Args):
                 ref_model,
                 train,
                 evals,
-                0,  # global step numbers start at 0; a resume continues from its checkpoint's
-                resume_from,
+                resume_from=resume_from,
                 save_to=(args.output_dir,),
             )
         accelerator.end_training()
         return
 
-    # ---- DPO-Iter (Sec. 4.3): sample -> label -> DPO; the trained policy is the next reference ----
+    # ---- DPO-Iter (Sec. 4.3): sample, label, DPO; the trained policy is the next reference ----
     reward_model = rm_tokenizer = None
     if args.reward_model_name_or_path:
         reward_model = load_frozen(
@@ -1053,10 +993,9 @@ def main(args: Args):
         )
         if rm_tokenizer.pad_token_id is None:
             rm_tokenizer.pad_token = rm_tokenizer.eos_token
-        # score_tokens runs HF's own forward, which needs a pad id to batch (its pooling is not used)
-        getattr(
-            reward_model, "module", reward_model
-        ).config.pad_token_id = rm_tokenizer.pad_token_id
+        # score_tokens runs HF's forward, which needs a pad id to batch (its pooling is not used)
+        rm_config = getattr(reward_model, "module", reward_model).config
+        rm_config.pad_token_id = rm_tokenizer.pad_token_id
 
     def score(prompts, samples):
         return score_samples(
@@ -1066,28 +1005,25 @@ def main(args: Args):
     if policy_path is not None:
         accelerator.print(f"resumed after iteration {first - 1} (step {step}) from {policy_path}")
     for iteration in range(first, args.iterations + 1):
-        iter_dir = Path(args.output_dir) / f"iter_{iteration}"
-        # Iteration 1's reference is --ref_model_name_or_path or the initial policy; later ones, the last policy.
-        policy_path, ref_at = (
-            policy_path or args.model_name_or_path,
-            ref_path if iteration == 1 else policy_path,
-        )
+        # ---- rollout: sample from the current policy, label, pair best with worst ----
+        iter_dir, tag = Path(args.output_dir) / f"iter_{iteration}", f"iteration {iteration}"
+        # Iteration 1's reference is --ref_model_name_or_path or the initial policy; later
+        # iterations' is the policy the previous iteration trained.
+        ref_at = ref_path if iteration == 1 else policy_path
+        policy_path = policy_path or args.model_name_or_path
         policy = load_policy(args, policy_path)
         if accelerator.state.deepspeed_plugin is None:
             policy.to(accelerator.device)
-        torch.manual_seed(
-            args.seed + iteration + 100003 * accelerator.process_index
-        )  # each process its own noise
+        # each process its own noise
+        torch.manual_seed(args.seed + iteration + 100003 * accelerator.process_index)
         train_pairs, stats = build_iteration_pairs(
-            accelerator, args, policy, tokenizer, train, score, f"iteration {iteration} train"
+            accelerator, args, policy, tokenizer, train, score, f"{tag} train"
         )
-        eval_pairs = (
-            build_iteration_pairs(
-                accelerator, args, policy, tokenizer, evals, score, f"iteration {iteration} eval"
-            )[0]
-            if evals
-            else []
-        )
+        eval_pairs = []
+        if evals:
+            eval_pairs, _ = build_iteration_pairs(
+                accelerator, args, policy, tokenizer, evals, score, f"{tag} eval"
+            )
         log.log(
             {
                 "iteration": iteration,
@@ -1099,16 +1035,11 @@ def main(args: Args):
             },
             step,
         )
+        # ---- update: DPO on this iteration's pairs ----
         ref_model = load_frozen(args, accelerator, AutoModelForCausalLM, ref_at)
         if args.precompute_ref_logps:
             for pairs in (train_pairs, eval_pairs):
-                compute_ref_logps(
-                    accelerator,
-                    ref_model,
-                    pairs,
-                    args.per_device_eval_batch_size,
-                    tokenizer.pad_token_id,
-                )
+                compute_ref_logps(accelerator, ref_model, pairs, eval_batch, tokenizer.pad_token_id)
             ref_model = None
         set_seed(args.seed)  # the same data order on every process
         last = iteration == args.iterations
@@ -1125,17 +1056,16 @@ def main(args: Args):
             checkpoints=False,
             save_to=(iter_dir, args.output_dir) if last else (iter_dir,),
         )
+        # ---- save: train_dpo saved the policy; then pairs.jsonl and iteration.json (done) ----
         if accelerator.is_main_process:
             with open(iter_dir / "pairs.jsonl", "w") as f:
                 f.writelines(json.dumps(pair["record"]) + "\n" for pair in train_pairs)
-            (iter_dir / "iteration.json").write_text(
-                json.dumps(
-                    {"iteration": iteration, "step": step, "reference": str(ref_at), **stats}
-                )
-            )
+            record = {"iteration": iteration, "step": step, "reference": str(ref_at), **stats}
+            (iter_dir / "iteration.json").write_text(json.dumps(record))
         accelerator.wait_for_everyone()
+        # drop this iteration's engine, optimizer and wrappers before the next
         del policy, ref_model
-        accelerator.free_memory()  # drop this iteration's engine, optimizer and wrappers before the next
+        accelerator.free_memory()
         policy_path = str(iter_dir)
     accelerator.end_training()
 
