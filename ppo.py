@@ -286,9 +286,8 @@ def value_loss(new_values, old_values, returns, mask, clip_range_value: float, n
     """Clipped value loss: 0.5 * mean of max((V - G)^2, (V_clipped - G)^2) with V_clipped kept within
     +-clip_range_value of the critic's rollout output `old_values`. -> (loss, {clipfrac})."""
     mask = mask.to(new_values.dtype)
-    clipped_values = old_values + (new_values - old_values).clamp(
-        -clip_range_value, clip_range_value
-    )
+    change = (new_values - old_values).clamp(-clip_range_value, clip_range_value)
+    clipped_values = old_values + change
     unclipped_sq, clipped_sq = (new_values - returns) ** 2, (clipped_values - returns) ** 2
     per_token = 0.5 * torch.max(unclipped_sq, clipped_sq)
     loss = (per_token * mask).sum() / (mask.sum().clamp(min=1) if n_tokens is None else n_tokens)
@@ -308,7 +307,8 @@ class RunningMeanStd:
     def update(self, x: torch.Tensor, mask: torch.Tensor, reduce=None):
         mask = mask.to(x.dtype)
         total = torch.stack([(x * mask).sum(), mask.sum()])
-        total = reduce(total) if reduce is not None else total
+        if reduce is not None:
+            total = reduce(total)
         n = total[1].item()
         if n == 0:
             return
@@ -316,11 +316,8 @@ class RunningMeanStd:
         batch_var = masked_mean((x - batch_mean) ** 2, mask, reduce).item()
         delta, new_count = batch_mean - self.mean, self.count + n
         m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / new_count
-        self.mean, self.var, self.count = (
-            self.mean + delta * n / new_count,
-            m2 / new_count,
-            new_count,
-        )
+        self.mean += delta * n / new_count
+        self.var, self.count = m2 / new_count, new_count
 
     @property
     def std(self) -> float:
@@ -417,7 +414,8 @@ def to_prompts(ds: Dataset, filter: str = "none") -> list:
         for i, messages in enumerate(ds["messages"]):
             if isinstance(messages, str):  # check_text accepts a string: messages must be a list
                 raise DataError(
-                    f"row {i}, column 'messages': expected a list of {{role, content}} messages, found str"
+                    f"row {i}, column 'messages': expected a list of {{role, content}} messages, "
+                    "found str"
                 )
             check_text(messages, "messages", i)
             last = max(
@@ -481,9 +479,8 @@ def retokenize(
     Right-padded; the reward is read at the last real token."""
     seqs = []
     for prompt, completion, eos in zip(prompt_texts, completion_texts, has_eos.tolist()):
-        ids = (
-            tokenizer(prompt).input_ids + tokenizer(completion, add_special_tokens=False).input_ids
-        )
+        ids = tokenizer(prompt).input_ids
+        ids += tokenizer(completion, add_special_tokens=False).input_ids
         seqs.append(ids + [tokenizer.eos_token_id] if eos else ids)
     masks = [[1] * len(s) for s in seqs]
     return {"input_ids": pad(seqs, tokenizer.pad_token_id), "attention_mask": pad(masks, 0)}
@@ -501,21 +498,16 @@ class PolicyAndValue(torch.nn.Module):
         self.policy, self.critic = policy, critic
 
     def forward(self, input_ids, attention_mask, response_length: int, with_values: bool = True):
-        logits = self.policy(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from(attention_mask),
-            use_cache=False,
-            logits_to_keep=response_length + 1,
-        ).logits[:, :-1]  # position t predicts token t + 1
+        logits = response_logits(self.policy, input_ids, attention_mask, response_length)
         if not with_values:
             return logits, None
         values = score_tokens(self.critic, input_ids, attention_mask)
         return logits, values[:, -response_length - 1 : -1].float()
 
 
-def reference_logits(ref_model, input_ids, attention_mask, response_length: int):
-    return ref_model(
+def response_logits(lm, input_ids, attention_mask, response_length: int):
+    """The logits [B, R, V] that predict the last R tokens (position t predicts token t + 1)."""
+    return lm(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from(attention_mask),
@@ -581,7 +573,7 @@ def rollout_forward(accelerator, model, ref_model, prompts, prompt_mask, respons
         with accelerator.autocast():
             logits, value = model(ids, mask, R, with_values)
             logps.append(response_logprobs(logits, ids[:, -R:], temperature))
-            ref_logits = reference_logits(ref_model, ids, mask, R)
+            ref_logits = response_logits(ref_model, ids, mask, R)
             ref_logps.append(response_logprobs(ref_logits, ids[:, -R:], temperature))
         values.append(value if with_values else torch.zeros_like(logps[-1]))
     return torch.cat(logps), torch.cat(ref_logps), torch.cat(values)
@@ -593,24 +585,24 @@ class Scorer:
     def __init__(
         self, args, tokenizer, device, reward_model=None, reward_tokenizer=None, reward_fn=None
     ):
-        self.args, self.tokenizer, self.device = args, tokenizer, device
-        self.reward_model, self.reward_tokenizer, self.reward_fn = (
-            reward_model,
-            reward_tokenizer,
-            reward_fn,
-        )
+        self.tokenizer, self.device = tokenizer, device
+        self.reward_model, self.reward_tokenizer = reward_model, reward_tokenizer
+        self.reward_fn = reward_fn
         config = getattr(getattr(reward_model, "module", reward_model), "config", None)
         normalize = args.normalize_reward and config is not None
         self.mean = float(getattr(config, "reward_mean", 0.0)) if normalize else 0.0
         self.std = float(getattr(config, "reward_std", 1.0)) if normalize else 1.0
 
     def texts(self, prompts, prompt_mask, responses, response_mask):
-        decode = lambda ids, m: self.tokenizer.decode(
-            ids[m.bool()].tolist(), skip_special_tokens=True
-        )
-        return [decode(p, m) for p, m in zip(prompts, prompt_mask)], [
-            decode(r, m) for r, m in zip(responses, response_mask)
-        ]
+        """-> (prompt texts, response texts), special tokens dropped."""
+
+        def decode(rows, masks):
+            return [
+                self.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
+                for row, m in zip(rows, masks)
+            ]
+
+        return decode(prompts, prompt_mask), decode(responses, response_mask)
 
     @torch.no_grad()
     def __call__(self, prompts, prompt_mask, responses, response_mask, has_eos) -> torch.Tensor:
@@ -632,6 +624,9 @@ class Scorer:
         return (scores - self.mean) / self.std
 
 
+# ---- evaluation, checkpoints, run setup ----
+
+
 @torch.no_grad()
 def evaluate(accelerator, model, ref_model, scorer, eval_prompts, tokenizer, args, step):
     """Greedy responses to the held-out prompts (deterministic, so checkpoints compare fairly), scored
@@ -641,6 +636,7 @@ def evaluate(accelerator, model, ref_model, scorer, eval_prompts, tokenizer, arg
     unwrapped = accelerator.unwrap_model(model)
     config = generation_config(tokenizer, args.max_new_tokens, do_sample=False)
     local = eval_prompts[accelerator.process_index :: accelerator.num_processes]
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     totals = torch.zeros(3, device=accelerator.device)
     samples, b = [], args.per_device_eval_batch_size
     n_chunks = math.ceil(len(eval_prompts) / accelerator.num_processes / b)
@@ -649,18 +645,15 @@ def evaluate(accelerator, model, ref_model, scorer, eval_prompts, tokenizer, arg
     for c in range(n_chunks):  # the same number of chunks on every process (ZeRO-3 is collective)
         part = local[c * b : (c + 1) * b]
         count = len(part)
-        batch = collate_prompts(part or eval_prompts[:1], tokenizer.pad_token_id)
-        prompts, prompt_mask = (
-            batch[k].to(accelerator.device) for k in ("input_ids", "attention_mask")
+        batch = collate_prompts(part or eval_prompts[:1], pad_id)
+        prompts = batch["input_ids"].to(accelerator.device)
+        prompt_mask = batch["attention_mask"].to(accelerator.device)
+        responses = generate(accelerator, unwrapped.policy, prompts, prompt_mask, config, b, pad_id)
+        responses, response_mask, has_eos = truncate_after_eos(responses, eos_id, pad_id)
+        prompt_and_response = (prompts, prompt_mask, responses, response_mask)
+        logp, ref_logp, _ = rollout_forward(
+            accelerator, unwrapped, ref_model, *prompt_and_response, b, 1.0, with_values=False
         )
-        responses = generate(
-            accelerator, unwrapped.policy, prompts, prompt_mask, config, b, tokenizer.pad_token_id
-        )
-        responses, response_mask, has_eos = truncate_after_eos(
-            responses, tokenizer.eos_token_id, tokenizer.pad_token_id
-        )
-        logp, ref_logp, _ = rollout_forward(accelerator, unwrapped, ref_model, prompts, prompt_mask, responses,
-                                            response_mask, b, 1.0, with_values=False)  # fmt: skip
         scores = scorer(prompts, prompt_mask, responses, response_mask, has_eos)
         kl = ((logp - ref_logp) * response_mask).sum(1)
         totals += torch.stack([scores[:count].sum(), kl[:count].sum(), kl.new_tensor(float(count))])
@@ -717,9 +710,8 @@ def load_reference(accelerator, ref_model, path: Path):
 def peak_memory_gb(device) -> float:
     if torch.cuda.is_available() and device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return (
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    )  # CPU: peak RSS (KiB on Linux)
+    # CPU: peak RSS (KiB on Linux)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def check_args(args: Args):
@@ -746,9 +738,8 @@ def check_args(args: Args):
         raise DataError(
             "--save_steps, --num_samples, --top_k must be >= 0 and --top_p within (0, 1]"
         )
-    package = {"tensorboard": ["tensorboard", "tensorboardX"], "wandb": ["wandb"]}.get(
-        args.report_to, []
-    )
+    tracker_packages = {"tensorboard": ["tensorboard", "tensorboardX"], "wandb": ["wandb"]}
+    package = tracker_packages.get(args.report_to, [])
     if package and not any(importlib.util.find_spec(p) for p in package):
         raise DataError(
             f"--report_to {args.report_to}: the package is not installed (pip install {package[0]})"
@@ -758,6 +749,69 @@ def check_args(args: Args):
         check_model_path(args.value_model_name_or_path, "value model")
     if args.reward_model_name_or_path:
         check_reward_model(args.reward_model_name_or_path, args.trust_remote_code)
+
+
+def load_reward_tokenizer(args, tokenizer):
+    """The reward model's own tokenizer when its vocabulary differs from the policy's (responses are
+    then decoded and re-tokenized for it); None when it shares the policy's or has none."""
+    name = args.reward_model_name_or_path
+    if not name:
+        return None
+    try:
+        reward_tokenizer = AutoTokenizer.from_pretrained(
+            name, trust_remote_code=args.trust_remote_code
+        )
+    except (OSError, ValueError):
+        print("reward model has no tokenizer of its own: assuming the policy's")
+        return None
+    if same_vocab(reward_tokenizer, tokenizer):
+        return None
+    if reward_tokenizer.eos_token_id is None:
+        raise DataError(
+            f"{name}: its tokenizer differs from the policy's and has no EOS token, so responses "
+            "cannot be re-tokenized for it"
+        )
+    if reward_tokenizer.pad_token_id is None:
+        reward_tokenizer.pad_token = reward_tokenizer.eos_token
+    print(
+        "reward model's tokenizer differs from the policy's: responses are decoded and re-tokenized"
+    )
+    return reward_tokenizer
+
+
+def load_models(args, tokenizer, reward_tokenizer):
+    """-> (policy, reference, reward model or None, critic). Policy and critic are trained in fp32
+    (mixed precision from --bf16 autocast or DeepSpeed); the frozen reward model loads in bf16 under
+    --bf16; the reference in fp32 when EMA'd (an EMA step of 0.01 * (policy - ref) is mostly below
+    bfloat16's resolution); dropout is off in all four."""
+    frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    ref_dtype = torch.float32 if args.ref_ema > 0 else frozen_dtype
+    trust, seq_cls = args.trust_remote_code, AutoModelForSequenceClassification
+    policy = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, torch.float32, trust)
+    disable_dropout(policy)
+    with full_fp32_under_zero3(args.ref_ema > 0):  # ZeRO-3 bf16 would build it in bf16
+        ref_model = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, ref_dtype, trust)
+    reward_model = None
+    if args.reward_model_name_or_path:
+        reward_model = load_pretrained(
+            seq_cls, args.reward_model_name_or_path, frozen_dtype, trust, num_labels=1
+        )
+        # score_tokens runs HF's own forward, which needs a pad id to batch (its pooling is not used)
+        reward_model.config.pad_token_id = (reward_tokenizer or tokenizer).pad_token_id
+    # Tulu 2.5 App. F: the critic starts from the reward model; with a reward function, or a reward
+    # model that reads another vocabulary, from the policy with a fresh scalar head.
+    critic_path = args.value_model_name_or_path or args.reward_model_name_or_path
+    if args.value_model_name_or_path is None and reward_tokenizer is not None:
+        print(
+            "the reward model's vocabulary differs from the policy's: the critic starts from the "
+            "policy with a fresh value head (set --value_model_name_or_path to choose)"
+        )
+        critic_path = None
+    critic_path = critic_path or args.model_name_or_path
+    critic = load_pretrained(seq_cls, critic_path, torch.float32, trust, num_labels=1)
+    disable_dropout(critic)
+    critic.config.pad_token_id = tokenizer.pad_token_id
+    return policy, ref_model, reward_model, critic
 
 
 def main(args: Args):
@@ -780,41 +834,27 @@ def main(args: Args):
     accelerator.gradient_accumulation_steps = ga
     set_seed(args.seed)
     tokenizer = load_tokenizer(args)
-    reward_tokenizer = None
-    if args.reward_model_name_or_path:
-        try:
-            reward_tokenizer = AutoTokenizer.from_pretrained(
-                args.reward_model_name_or_path, trust_remote_code=args.trust_remote_code
-            )
-        except (OSError, ValueError):
-            print("reward model has no tokenizer of its own: assuming the policy's")
-        if reward_tokenizer is not None and same_vocab(reward_tokenizer, tokenizer):
-            reward_tokenizer = None
-        elif reward_tokenizer is not None:
-            if reward_tokenizer.eos_token_id is None:
-                raise DataError(f"{args.reward_model_name_or_path}: its tokenizer differs from the policy's "
-                                "and has no EOS token, so responses cannot be re-tokenized for it")  # fmt: skip
-            if reward_tokenizer.pad_token_id is None:
-                reward_tokenizer.pad_token = reward_tokenizer.eos_token
-            print(
-                "reward model's tokenizer differs from the policy's: responses are decoded and re-tokenized"
-            )
+    reward_tokenizer = load_reward_tokenizer(args, tokenizer)
 
     def prompts_of(split: str) -> list:
-        ds = load_split(args.dataset_name, args.dataset_config, split)
-        return tokenize_prompts(
-            to_prompts(ds, args.filter), tokenizer, args.max_prompt_length, split
-        )
+        prompts = to_prompts(load_split(args.dataset_name, args.dataset_config, split), args.filter)
+        return tokenize_prompts(prompts, tokenizer, args.max_prompt_length, split)
 
     train_prompts = prompts_of(args.train_split)
     eval_prompts = prompts_of(args.eval_split) if args.eval_split else []
-    collate = lambda b: collate_prompts(b, tokenizer.pad_token_id)
-    loader = torch.utils.data.DataLoader(train_prompts, batch_size=args.per_device_prompt_batch_size,
-                                         shuffle=True, drop_last=True, collate_fn=collate)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        train_prompts,
+        batch_size=args.per_device_prompt_batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=lambda b: collate_prompts(b, tokenizer.pad_token_id),
+    )
     iters_per_epoch = len(train_prompts) // sizes["prompts_per_iteration"]
     if iters_per_epoch == 0:
-        raise DataError(f"{len(train_prompts)} prompts make no full iteration of "
-                        f"{args.per_device_prompt_batch_size} prompts x {accelerator.num_processes} processes")  # fmt: skip
+        raise DataError(
+            f"{len(train_prompts)} prompts make no full iteration of "
+            f"{args.per_device_prompt_batch_size} prompts x {accelerator.num_processes} processes"
+        )
     if args.num_iterations > 0:
         num_iterations = args.num_iterations
     elif args.total_episodes > 0:
@@ -823,74 +863,53 @@ def main(args: Args):
         num_iterations = math.ceil(args.num_train_epochs * iters_per_epoch)
     resume_from = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
     on_main(accelerator, prepare_output_dir, args, resume_from)  # refuse to mix runs
-    accelerator.print(
-        ", ".join(f"{k}={v}" for k, v in sizes.items()) + f", iterations={num_iterations}"
-    )
+    sizes_line = ", ".join(f"{k}={v}" for k, v in sizes.items())
+    accelerator.print(f"{sizes_line}, iterations={num_iterations}")
 
-    # ---- models: policy + critic trained in fp32 (mixed precision from --bf16 autocast or DeepSpeed);
-    # the frozen reward model in bf16 under --bf16; the reference in fp32 when EMA'd (an EMA step of
-    # 0.01 * (policy - ref) is mostly below bfloat16's resolution); dropout off in all four ----
-    frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
-    ref_dtype = torch.float32 if args.ref_ema > 0 else frozen_dtype
-    trust = args.trust_remote_code
-    policy = disable_dropout(
-        load_pretrained(AutoModelForCausalLM, args.model_name_or_path, torch.float32, trust)
+    # ---- models: policy + critic in one module and one optimizer; frozen reference and reward ----
+    policy, ref_model, reward_model, critic = load_models(args, tokenizer, reward_tokenizer)
+    sampling_config = generation_config(
+        tokenizer, args.max_new_tokens, True, args.temperature, args.top_k, args.top_p
     )
-    with full_fp32_under_zero3(args.ref_ema > 0):  # ZeRO-3 bf16 would build it in bf16
-        ref_model = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, ref_dtype, trust)
-    reward_model = None
-    if args.reward_model_name_or_path:
-        reward_model = load_pretrained(AutoModelForSequenceClassification, args.reward_model_name_or_path,
-                                       frozen_dtype, trust, num_labels=1)  # fmt: skip
-        # score_tokens runs HF's own forward, which needs a pad id to batch (its pooling is not used)
-        reward_model.config.pad_token_id = (reward_tokenizer or tokenizer).pad_token_id
-    # Tulu 2.5 App. F: the critic starts from the reward model; with a reward function, or a reward
-    # model that reads another vocabulary, from the policy with a fresh scalar head.
-    critic_path = args.value_model_name_or_path or args.reward_model_name_or_path
-    if critic_path is None or (
-        args.value_model_name_or_path is None and reward_tokenizer is not None
-    ):
-        if reward_tokenizer is not None:
-            print("the reward model's vocabulary differs from the policy's: the critic starts from the "
-                  "policy with a fresh value head (set --value_model_name_or_path to choose)")  # fmt: skip
-        critic_path = args.model_name_or_path
-    critic = disable_dropout(load_pretrained(AutoModelForSequenceClassification, critic_path, torch.float32,
-                                             trust, num_labels=1))  # fmt: skip
-    critic.config.pad_token_id = tokenizer.pad_token_id
-    policy.generation_config = generation_config(tokenizer, args.max_new_tokens, True, args.temperature,
-                                                 args.top_k, args.top_p)  # fmt: skip
-    for m in (policy, critic):
-        if args.gradient_checkpointing:
-            m.activation_checkpointing_enable()
+    policy.generation_config = sampling_config  # saved with the policy
+    if args.gradient_checkpointing:
+        policy.activation_checkpointing_enable()
+        critic.activation_checkpointing_enable()
     model = PolicyAndValue(policy, critic)
     optimizer = torch.optim.AdamW(
         [{"params": policy.parameters(), "lr": args.learning_rate},
          {"params": critic.parameters(), "lr": args.critic_learning_rate}],
         weight_decay=args.weight_decay,
     )  # fmt: skip
-    plugin = (
-        accelerator.state.deepspeed_plugin
-    )  # DeepSpeed clips inside its step, at its config's norm
+    # DeepSpeed clips inside its step, at its config's norm
+    plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
         plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    if accelerator.gradient_accumulation_steps != ga:
-        raise DataError(f"the DeepSpeed config sets gradient_accumulation_steps="
-                        f"{accelerator.gradient_accumulation_steps}, the script derives {ga} from the batch "
-                        "arguments: set it to 'auto' in the config (or remove it)")  # fmt: skip
+    config_ga = accelerator.gradient_accumulation_steps
+    if config_ga != ga:
+        raise DataError(
+            f"the DeepSpeed config sets gradient_accumulation_steps={config_ga}, the script "
+            f"derives {ga} from the batch arguments: set it to 'auto' in the config (or remove it)"
+        )
     # Each process draws its own sampling noise (after prepare: the data order stays shared).
     torch.manual_seed(args.seed + 100003 * accelerator.process_index)
     ref_model = prepare_frozen(accelerator, ref_model)
     reward_model = prepare_frozen(accelerator, reward_model) if reward_model is not None else None
-    iters_per_epoch = min(
-        iters_per_epoch, len(loader)
-    )  # the sharded loader's own count (they agree)
+    # the sharded loader's own count (the two agree)
+    iters_per_epoch = min(iters_per_epoch, len(loader))
     total_optimizer_steps = num_iterations * sizes["optimizer_steps_per_iteration"]
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_training_steps=total_optimizer_steps,
-                              num_warmup_steps=math.ceil(args.warmup_ratio * total_optimizer_steps))  # fmt: skip
+    scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=math.ceil(args.warmup_ratio * total_optimizer_steps),
+        num_training_steps=total_optimizer_steps,
+    )
     value_stats = RunningMeanStd()
     scorer = Scorer(args, tokenizer, accelerator.device, reward_model, reward_tokenizer, reward_fn)
     unwrapped = accelerator.unwrap_model(model)
+
+    # ---- resume, trackers ----
     step, best_score = 0, -math.inf
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from)
@@ -909,9 +928,8 @@ def main(args: Args):
     batches = None
     while step < num_iterations:
         if batches is None or step % iters_per_epoch == 0:
-            loader.set_epoch(
-                step // iters_per_epoch
-            )  # the same prompt order everywhere and on resume
+            # the same prompt order everywhere and on resume
+            loader.set_epoch(step // iters_per_epoch)
             skip = step % iters_per_epoch
             batches = iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
         batch = next(batches)
@@ -922,25 +940,27 @@ def main(args: Args):
         prompts = batch["input_ids"].repeat_interleave(args.samples_per_prompt, 0)
         prompt_mask = batch["attention_mask"].repeat_interleave(args.samples_per_prompt, 0)
         chunk, pad_id = args.local_rollout_forward_batch_size, tokenizer.pad_token_id
-        responses = generate(accelerator, unwrapped.policy, prompts, prompt_mask, policy.generation_config,
-                             chunk, pad_id)  # fmt: skip
+        responses = generate(
+            accelerator, unwrapped.policy, prompts, prompt_mask, sampling_config, chunk, pad_id
+        )
         responses, response_mask, has_eos = truncate_after_eos(
             responses, tokenizer.eos_token_id, pad_id
         )
+        sequences = (prompts, prompt_mask, responses, response_mask)
         # `values` are the critic's raw outputs, in its own (normalized) units
-        logp, ref_logp, values = rollout_forward(accelerator, unwrapped, ref_model, prompts, prompt_mask,
-                                                 responses, response_mask, chunk, args.temperature)  # fmt: skip
+        logp, ref_logp, values = rollout_forward(
+            accelerator, unwrapped, ref_model, *sequences, chunk, args.temperature
+        )
         parts = [slice(i, i + chunk) for i in range(0, len(prompts), chunk)]
         with accelerator.autocast():
-            scores = torch.cat([scorer(prompts[s], prompt_mask[s], responses[s], response_mask[s], has_eos[s])
-                                for s in parts])  # fmt: skip
+            scores = torch.cat([scorer(*(t[s] for t in sequences), has_eos[s]) for s in parts])
         raw_scores = scores
-        scores = apply_missing_eos_penalty(
-            scores, has_eos, args.missing_eos_penalty
-        )  # Tulu 2.5 App. F
+        # Tulu 2.5 App. F: the EOS trick
+        scores = apply_missing_eos_penalty(scores, has_eos, args.missing_eos_penalty)
         # Tulu 2.5 Eq. 4: clipped score on the last token, KL penalty on every token
-        rewards, kl, non_score_reward = compute_rewards(scores, logp, ref_logp, response_mask, args.kl_coef,
-                                                        args.reward_clip)  # fmt: skip
+        rewards, kl, non_score_reward = compute_rewards(
+            scores, logp, ref_logp, response_mask, args.kl_coef, args.reward_clip
+        )
         mask = response_mask.float()
         rollout_sums = reduce_sum(torch.stack([
             raw_scores.sum(), kl.sum(), (-logp * mask).sum(), non_score_reward.sum(),
@@ -948,41 +968,38 @@ def main(args: Args):
             has_eos.float().sum(), torch.tensor(float(len(scores)), device=scores.device),
         ]))  # fmt: skip
         check_finite(rollout_sums, "score or KL", step + 1)
-        # App. A.2 value normalization: GAE needs values in reward units (the statistics before update)
+        # App. A.2 value normalization: GAE needs values in reward units (statistics before update)
         old_values = values * mask  # the clip window's centre: the critic's own rollout output
-        values = (
-            values * value_stats.std + value_stats.mean if args.normalize_value else values
-        ) * mask
-        advantages, returns = compute_advantages(rewards, values, mask, args.gamma, args.lam,
-                                                 args.whiten_advantages, reduce_sum)  # fmt: skip
-        explained_variance = 1 - masked_var(returns - values, mask, reduce_sum) / masked_var(
-            returns, mask, reduce_sum
-        ).clamp(min=1e-8)
-        returns_target = (
-            returns  # the critic's targets, in its units: normalized with the new statistics
+        if args.normalize_value:
+            values = values * value_stats.std + value_stats.mean
+        values = values * mask
+        advantages, returns = compute_advantages(
+            rewards, values, mask, args.gamma, args.lam, args.whiten_advantages, reduce_sum
         )
+        residual_var = masked_var(returns - values, mask, reduce_sum)
+        returns_var = masked_var(returns, mask, reduce_sum).clamp(min=1e-8)
+        explained_variance = 1 - residual_var / returns_var
+        # the critic's targets, in its units: normalized with the new statistics
+        returns_target = returns
         if args.normalize_value:
             value_stats.update(returns, mask, reduce_sum)
             returns_target = (returns - value_stats.mean) / value_stats.std * mask
         rollout_seconds = time.time() - t0
 
-        # ---- PPO update: ppo_epochs x num_minibatches optimizer steps, micro-batches accumulated ----
+        # ---- PPO update: ppo_epochs x num_minibatches optimizer steps (gradient accumulation) ----
         t1 = time.time()
         model.train()
-        # token sums of approxkl, clipfrac, val/clipfrac, loss/policy, loss/value, and the token count
+        # token sums of approxkl, clipfrac, val/clipfrac, loss/policy, loss/value; the token count
         update_sums = torch.zeros(6, device=accelerator.device)
-        n_mb, n_micro, R = (
-            sizes["local_minibatch_size"],
-            args.per_device_train_batch_size,
-            responses.shape[1],
-        )
+        n_mb, n_micro = sizes["local_minibatch_size"], args.per_device_train_batch_size
+        R = responses.shape[1]
         for _ in range(args.ppo_epochs):
             order = torch.randperm(len(prompts), device=prompts.device)
             for start in range(0, len(prompts), n_mb):
                 mb = order[start : start + n_mb]
-                # Normalize by the response tokens of the whole global minibatch, so 1 and N processes
-                # (and any accumulation) give the same gradient; DDP averages over processes, hence the
-                # factor num_processes x ga below.
+                # Normalize by the response tokens of the whole global minibatch, so 1 and N
+                # processes (and any accumulation) give the same gradient; DDP averages over
+                # processes, hence the factor num_processes x ga below.
                 n_tokens = reduce_sum(mask[mb].sum()).clamp(min=1)
                 loss_sum = torch.zeros((), device=accelerator.device)
                 for m0 in range(0, n_mb, n_micro):
@@ -993,15 +1010,18 @@ def main(args: Args):
                         with accelerator.autocast():
                             logits, new_values = model(ids, attn, R)
                         new_logp = response_logprobs(logits, responses[idx], args.temperature)
-                        pg_loss, pg_stats = policy_loss(new_logp, logp[idx], advantages[idx], mask[idx],
-                                                        args.clip_range, n_tokens)  # fmt: skip
-                        vf_loss, vf_stats = value_loss(new_values, old_values[idx], returns_target[idx],
-                                                       mask[idx], args.clip_range_value, n_tokens)  # fmt: skip
+                        m = mask[idx]
+                        pg_loss, pg_stats = policy_loss(
+                            new_logp, logp[idx], advantages[idx], m, args.clip_range, n_tokens
+                        )
+                        old_v, target = old_values[idx], returns_target[idx]
+                        vf_loss, vf_stats = value_loss(
+                            new_values, old_v, target, m, args.clip_range_value, n_tokens
+                        )
                         loss = pg_loss + args.vf_coef * vf_loss
                         loss_sum = loss_sum + loss.detach()
-                        if (
-                            m0 + n_micro >= n_mb
-                        ):  # the last micro-batch: DeepSpeed steps inside backward
+                        # the last micro-batch: DeepSpeed steps inside backward
+                        if m0 + n_micro >= n_mb:
                             check_finite(reduce_sum(loss_sum), "loss", step + 1)
                         accelerator.backward(loss * accelerator.num_processes * ga)
                         if accelerator.sync_gradients:
@@ -1014,11 +1034,11 @@ def main(args: Args):
                             optimizer.step()
                             scheduler.step()
                             optimizer.zero_grad()
-                    n = mask[idx].sum()
-                    update_sums += torch.stack([
-                        pg_stats["approxkl"] * n, pg_stats["clipfrac"] * n, vf_stats["clipfrac"] * n,
-                        pg_loss.detach() * n_tokens, vf_loss.detach() * n_tokens, n,
-                    ])  # fmt: skip
+                    n = m.sum()
+                    per_token = [pg_stats["approxkl"], pg_stats["clipfrac"], vf_stats["clipfrac"]]
+                    losses = [pg_loss.detach(), vf_loss.detach()]
+                    weighted = [x * n for x in per_token] + [x * n_tokens for x in losses]
+                    update_sums += torch.stack([*weighted, n])
         # ---- Sec. 5: reference-model EMA (key factor 3) ----
         ema_update(ref_model, unwrapped.policy, args.ref_ema, accelerator)
         update_seconds = time.time() - t1
@@ -1031,8 +1051,8 @@ def main(args: Args):
         n_seq, n_tok = r[6], max(u[5], 1.0)
         metrics = {
             "objective/scores": r[0] / n_seq,
-            "objective/kl": r[1]
-            / n_seq,  # per-response sum of the per-token KL, mean over responses
+            # per-response sum of the per-token KL, mean over responses
+            "objective/kl": r[1] / n_seq,
             "objective/entropy": r[2] / n_seq,  # sample estimate, summed over tokens
             "objective/non_score_reward": r[3] / n_seq,
             "objective/rlhf_reward": r[4] / n_seq,
