@@ -405,10 +405,20 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 @pytest.fixture(scope="session")
 def run_deepspeed():
     """DeepSpeed ZeRO-2/3 on 2 CPU processes (DESIGN section 7) through the shipped config files:
-    run_deepspeed("sft.py", *args, stage=3, bf16=False). DeepSpeed's CPU accelerator speaks gloo; the
-    test-only sitecustomize in tests/deepspeed_shim makes accelerate accept that backend."""
+    run_deepspeed("sft.py", *args, stage=3, bf16=False), or config_file=another YAML. DeepSpeed's CPU
+    accelerator speaks gloo; the test-only sitecustomize in tests/deepspeed_shim makes accelerate
+    accept that backend."""
 
-    def run(script, *args, stage=2, bf16=False, num_processes=2, check=True, timeout=600):
+    def run(
+        script,
+        *args,
+        stage=2,
+        bf16=False,
+        num_processes=2,
+        check=True,
+        timeout=600,
+        config_file=None,
+    ):
         env = _env()
         env.pop("ACCELERATE_USE_CPU")  # it would switch DeepSpeed off
         env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO / "tests" / "deepspeed_shim"))
@@ -421,7 +431,7 @@ def run_deepspeed():
                 "-m",
                 "accelerate.commands.launch",
                 "--config_file",
-                str(REPO / "accelerate_configs" / f"deepspeed_zero{stage}.yaml"),
+                str(config_file or REPO / "accelerate_configs" / f"deepspeed_zero{stage}.yaml"),
                 "--num_processes",
                 str(num_processes),
                 "--main_process_port",

@@ -345,9 +345,6 @@ def test_reward_model_with_another_vocabulary_is_retokenized_and_the_critic_star
     assert critic["model.embed_tokens.weight"].shape[0] == 400  # the policy's vocabulary
 
 
-@pytest.mark.skipif(
-    not (REPO / "reward_model.py").exists(), reason="reward_model.py is not in the repo yet"
-)
 def test_learns_with_a_trained_reward_model(tiny_model, reward_file, run_script, metrics, tmp_path):
     """reward_model.py learns 'more ! is better' from preference pairs; PPO then raises that reward."""
     pref = write_jsonl(
@@ -704,34 +701,21 @@ def test_two_processes_log_the_same_metrics_as_one_process(eos_model, data_files
 
 
 def test_deepspeed_config_with_its_own_gradient_accumulation_is_refused(
-    tiny_model, data_files, reward_file, tmp_path
+    tiny_model, data_files, reward_file, run_deepspeed, tmp_path
 ):
     """accelerate would keep the DeepSpeed config's gradient_accumulation_steps over the script's (wrong
     minibatches, an LR schedule ending early): one line instead. One process: the refusal comes before
     any sharding."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
     config = (REPO / "accelerate_configs" / "deepspeed_zero2.yaml").read_text()
     config = config.replace(
         "deepspeed_config:\n", "deepspeed_config:\n  gradient_accumulation_steps: 3\n"
     )
     (tmp_path / "ds.yaml").write_text(config)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO / "tests" / "deepspeed_shim")}  # fmt: skip
-    env.pop("ACCELERATE_USE_CPU", None)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "ds.yaml"),
-           "--num_processes", "1", "--main_process_port", str(port), "--mixed_precision", "no", str(REPO / "ppo.py"),
-           *map(str, small_run(tiny_model, data_files["prompts"], tmp_path / "out", "--reward_fn",
-                               f"{reward_file}:count_bang", "--num_iterations", 1, "--per_device_prompt_batch_size", 4,
-                               "--per_device_train_batch_size", 8))]  # fmt: skip
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False
+    args = small_run(tiny_model, data_files["prompts"], tmp_path / "out", "--reward_fn",
+                     f"{reward_file}:count_bang", "--num_iterations", 1, "--per_device_prompt_batch_size", 4,
+                     "--per_device_train_batch_size", 8)  # fmt: skip
+    proc = run_deepspeed(
+        "ppo.py", *args, config_file=tmp_path / "ds.yaml", num_processes=1, check=False
     )
     assert proc.returncode != 0
     assert "error: the DeepSpeed config sets gradient_accumulation_steps=3" in proc.stderr, (
