@@ -526,68 +526,6 @@ def collate_pairs(pairs: list, pad_id: int) -> dict:
     return batch
 
 
-def to_prompts(ds: Dataset, filter: str = "none") -> list:
-    """Any prompt source: a `prompt` column (string or messages), a preference shape, or conversations
-    (`messages` up to the last assistant turn)."""
-    cols = set(ds.column_names)
-    if "prompt" in cols and not {"response_0", "response_1"} <= cols:
-        for i, prompt in enumerate(ds["prompt"]):
-            check_text(prompt, "prompt", i)
-        return list(ds["prompt"])
-    if "messages" in cols:
-        prompts = []
-        for i, messages in enumerate(ds["messages"]):
-            if isinstance(messages, str):  # check_text accepts a string: messages must be a list
-                raise DataError(
-                    f"row {i}, column 'messages': expected a list of {{role, content}} messages, "
-                    "found str"
-                )
-            check_text(messages, "messages", i)
-            last = max(
-                (j for j, m in enumerate(messages) if m["role"] == "assistant"),
-                default=len(messages),
-            )
-            if last == 0:
-                raise DataError(
-                    f"row {i}, column 'messages': no turn before the first assistant turn"
-                )
-            prompts.append(messages[:last])
-        return prompts
-    try:
-        return list(to_preference(ds, filter)["prompt"])
-    except DataError as e:
-        if "expected one of" not in str(e):
-            raise
-        raise DataError(
-            f"dataset has columns {sorted(cols)}; expected prompts: a prompt column, messages, or a "
-            "preference shape (prompt+chosen+rejected, chosen+rejected, SafeRLHF)"
-        ) from None
-
-
-def tokenize_prompts(
-    prompts: list, tokenizer, max_length: int, max_prompt_length: int | None, name: str
-) -> list:
-    """-> list of {prompt, prompt_ids}; long prompts keep their end; prompts that leave no room for
-    a response are dropped."""
-    out, n_truncated, n_dropped = [], 0, 0
-    for prompt in prompts:
-        kept = truncate(encode_prompt(tokenizer, prompt), [], max_length, max_prompt_length)
-        if kept is None:
-            n_dropped += 1
-            continue
-        out.append({"prompt": prompt, "prompt_ids": kept[0]})
-        n_truncated += kept[2]
-    print(
-        f"{name}: {len(out)} prompts, {n_truncated} truncated, "
-        f"{n_dropped} dropped (prompt leaves no room for a response within max_length={max_length})"
-    )
-    if not out:
-        raise DataError(
-            f"{name}: no prompt left after truncation (every prompt exceeds max_length={max_length})"
-        )
-    return out
-
-
 # ---- training and evaluation ----
 
 
@@ -1223,6 +1161,72 @@ def to_preference(ds: Dataset, filter: str = "none") -> Dataset:
     if len(ds) == 0:
         raise DataError("no preference pairs left after filtering")
     return ds
+
+
+def to_prompts(ds: Dataset, filter: str = "none") -> list:
+    """Any prompt source: a `prompt` column (string or messages), a preference shape, or conversations
+    (`messages` up to the last assistant turn)."""
+    cols = set(ds.column_names)
+    if "prompt" in cols and not {"response_0", "response_1"} <= cols:
+        for i, prompt in enumerate(ds["prompt"]):
+            check_text(prompt, "prompt", i)
+        return list(ds["prompt"])
+    if "messages" in cols:
+        prompts = []
+        for i, messages in enumerate(ds["messages"]):
+            if isinstance(messages, str):  # check_text accepts a string: messages must be a list
+                raise DataError(
+                    f"row {i}, column 'messages': expected a list of {{role, content}} messages, "
+                    "found str"
+                )
+            check_text(messages, "messages", i)
+            last = max(
+                (j for j, m in enumerate(messages) if m["role"] == "assistant"),
+                default=len(messages),
+            )
+            if last == 0:
+                raise DataError(
+                    f"row {i}, column 'messages': no turn before the first assistant turn"
+                )
+            prompts.append(messages[:last])
+        return prompts
+    try:
+        return list(to_preference(ds, filter)["prompt"])
+    except DataError as e:
+        if "expected one of" not in str(e):
+            raise
+        raise DataError(
+            f"dataset has columns {sorted(cols)}; expected prompts: a prompt column, messages, or a "
+            "preference shape (prompt+chosen+rejected, chosen+rejected, SafeRLHF)"
+        ) from None
+
+
+def tokenize_prompts(
+    prompts: list, tokenizer, max_length: int, max_prompt_length: int | None, name: str
+) -> list:
+    """-> list of {prompt, prompt_ids}. Long prompts keep their end (max_prompt_length); a prompt that
+    leaves no room for a response within max_length, or is empty, is dropped and counted; a null,
+    NaN or number is an error naming the row."""
+    out, n_truncated, n_empty, n_no_room = [], 0, 0, 0
+    for i, prompt in enumerate(prompts):
+        if prompt == "" or prompt == []:
+            n_empty += 1
+            continue
+        check_text(prompt, "prompt", i)
+        kept = truncate(encode_prompt(tokenizer, prompt), [], max_length, max_prompt_length)
+        if kept is None:
+            n_no_room += 1
+            continue
+        out.append({"prompt": prompt, "prompt_ids": kept[0]})
+        n_truncated += kept[2]
+    no_room = f"no room for a response within max_length={max_length}"
+    print(
+        f"{name}: {len(out)} prompts, {n_truncated} truncated, {n_empty} empty dropped, "
+        f"{n_no_room} dropped ({no_room})"
+    )
+    if not out:
+        raise DataError(f"{name}: no prompts left ({n_empty} empty, {n_no_room} with {no_room})")
+    return out
 
 
 def render_chat(tokenizer, messages, add_generation_prompt=False) -> str:

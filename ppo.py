@@ -401,66 +401,6 @@ def derive_batch_sizes(args, num_processes: int) -> dict:
 # ---- the rollout: prompts, models, sampling, scoring ----
 
 
-def to_prompts(ds: Dataset, filter: str = "none") -> list:
-    """Any prompt source: a `prompt` column (string or messages), a preference shape, or conversations
-    (`messages` up to the last assistant turn)."""
-    cols = set(ds.column_names)
-    if "prompt" in cols and not {"response_0", "response_1"} <= cols:
-        for i, prompt in enumerate(ds["prompt"]):
-            check_text(prompt, "prompt", i)
-        return list(ds["prompt"])
-    if "messages" in cols:
-        prompts = []
-        for i, messages in enumerate(ds["messages"]):
-            if isinstance(messages, str):  # check_text accepts a string: messages must be a list
-                raise DataError(
-                    f"row {i}, column 'messages': expected a list of {{role, content}} messages, "
-                    "found str"
-                )
-            check_text(messages, "messages", i)
-            last = max(
-                (j for j, m in enumerate(messages) if m["role"] == "assistant"),
-                default=len(messages),
-            )
-            if last == 0:
-                raise DataError(
-                    f"row {i}, column 'messages': no turn before the first assistant turn"
-                )
-            prompts.append(messages[:last])
-        return prompts
-    try:
-        return list(to_preference(ds, filter)["prompt"])
-    except DataError as e:
-        if "expected one of" not in str(e):
-            raise
-        raise DataError(
-            f"dataset has columns {sorted(cols)}; expected prompts: a prompt column, messages, or a "
-            "preference shape (prompt+chosen+rejected, chosen+rejected, SafeRLHF)"
-        ) from None
-
-
-def tokenize_prompts(prompts: list, tokenizer, max_prompt_length: int, name: str) -> list:
-    """-> prompt token-id lists, keeping the end of long prompts; empty prompts are dropped and
-    counted; a null, NaN or number is an error naming the row."""
-    out, n_truncated, n_dropped = [], 0, 0
-    for i, prompt in enumerate(prompts):
-        if prompt == "" or prompt == []:
-            n_dropped += 1
-            continue
-        check_text(prompt, "prompt", i)
-        ids = encode_prompt(tokenizer, prompt)
-        if len(ids) > max_prompt_length:
-            ids, n_truncated = ids[len(ids) - max_prompt_length :], n_truncated + 1
-        out.append(ids)
-    print(
-        f"{name}: {len(out)} prompts, {n_truncated} truncated to max_prompt_length="
-        f"{max_prompt_length}, {n_dropped} empty dropped"
-    )
-    if not out:
-        raise DataError(f"{name}: no prompts (all {len(prompts)} are empty)")
-    return out
-
-
 def collate_prompts(prompts: list, pad_id: int) -> dict:
     """Left-padded, so every response starts at the same column and generation appends on the right."""
     masks = [[1] * len(p) for p in prompts]
@@ -838,7 +778,9 @@ def main(args: Args):
 
     def prompts_of(split: str) -> list:
         prompts = to_prompts(load_split(args.dataset_name, args.dataset_config, split), args.filter)
-        return tokenize_prompts(prompts, tokenizer, args.max_prompt_length, split)
+        max_length = args.max_prompt_length + args.max_new_tokens
+        kept = tokenize_prompts(prompts, tokenizer, max_length, args.max_prompt_length, split)
+        return [p["prompt_ids"] for p in kept]
 
     train_prompts = prompts_of(args.train_split)
     eval_prompts = prompts_of(args.eval_split) if args.eval_split else []
@@ -1257,6 +1199,72 @@ def to_preference(ds: Dataset, filter: str = "none") -> Dataset:
     return ds
 
 
+def to_prompts(ds: Dataset, filter: str = "none") -> list:
+    """Any prompt source: a `prompt` column (string or messages), a preference shape, or conversations
+    (`messages` up to the last assistant turn)."""
+    cols = set(ds.column_names)
+    if "prompt" in cols and not {"response_0", "response_1"} <= cols:
+        for i, prompt in enumerate(ds["prompt"]):
+            check_text(prompt, "prompt", i)
+        return list(ds["prompt"])
+    if "messages" in cols:
+        prompts = []
+        for i, messages in enumerate(ds["messages"]):
+            if isinstance(messages, str):  # check_text accepts a string: messages must be a list
+                raise DataError(
+                    f"row {i}, column 'messages': expected a list of {{role, content}} messages, "
+                    "found str"
+                )
+            check_text(messages, "messages", i)
+            last = max(
+                (j for j, m in enumerate(messages) if m["role"] == "assistant"),
+                default=len(messages),
+            )
+            if last == 0:
+                raise DataError(
+                    f"row {i}, column 'messages': no turn before the first assistant turn"
+                )
+            prompts.append(messages[:last])
+        return prompts
+    try:
+        return list(to_preference(ds, filter)["prompt"])
+    except DataError as e:
+        if "expected one of" not in str(e):
+            raise
+        raise DataError(
+            f"dataset has columns {sorted(cols)}; expected prompts: a prompt column, messages, or a "
+            "preference shape (prompt+chosen+rejected, chosen+rejected, SafeRLHF)"
+        ) from None
+
+
+def tokenize_prompts(
+    prompts: list, tokenizer, max_length: int, max_prompt_length: int | None, name: str
+) -> list:
+    """-> list of {prompt, prompt_ids}. Long prompts keep their end (max_prompt_length); a prompt that
+    leaves no room for a response within max_length, or is empty, is dropped and counted; a null,
+    NaN or number is an error naming the row."""
+    out, n_truncated, n_empty, n_no_room = [], 0, 0, 0
+    for i, prompt in enumerate(prompts):
+        if prompt == "" or prompt == []:
+            n_empty += 1
+            continue
+        check_text(prompt, "prompt", i)
+        kept = truncate(encode_prompt(tokenizer, prompt), [], max_length, max_prompt_length)
+        if kept is None:
+            n_no_room += 1
+            continue
+        out.append({"prompt": prompt, "prompt_ids": kept[0]})
+        n_truncated += kept[2]
+    no_room = f"no room for a response within max_length={max_length}"
+    print(
+        f"{name}: {len(out)} prompts, {n_truncated} truncated, {n_empty} empty dropped, "
+        f"{n_no_room} dropped ({no_room})"
+    )
+    if not out:
+        raise DataError(f"{name}: no prompts left ({n_empty} empty, {n_no_room} with {no_room})")
+    return out
+
+
 def render_chat(tokenizer, messages, add_generation_prompt=False) -> str:
     if tokenizer.chat_template is None:
         raise DataError("conversational data needs a tokenizer with a chat template")
@@ -1272,6 +1280,21 @@ def encode_prompt(tokenizer, prompt) -> list:
             render_chat(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False
         ).input_ids
     return tokenizer(prompt).input_ids
+
+
+def truncate(
+    prompt_ids: list, completion_ids: list, max_length: int, max_prompt_length: int | None
+):
+    """Prompts keep their end, completions their start. Returns (prompt, completion, truncated) or None
+    when the prompt leaves no room for a completion (the caller drops and counts it)."""
+    truncated = False
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        prompt_ids, truncated = prompt_ids[len(prompt_ids) - max_prompt_length :], True
+    if len(prompt_ids) >= max_length:
+        return None
+    if len(prompt_ids) + len(completion_ids) > max_length:
+        completion_ids, truncated = completion_ids[: max_length - len(prompt_ids)], True
+    return prompt_ids, completion_ids, truncated
 
 
 def pad(seqs: list, value, side: str = "right") -> torch.Tensor:

@@ -470,12 +470,13 @@ def test_prompts_from_every_prompt_source(data_files):
         assert len(prompts) == 8, shape
         if shape in expected_last:
             assert prompts[-1] == expected_last[shape]
-        ids = ppo.tokenize_prompts(prompts, tok, 512, shape)
+        ids = [p["prompt_ids"] for p in ppo.tokenize_prompts(prompts, tok, 528, 512, shape)]
         assert len(ids) == 8 and all(ids)
     # a conversation's prompt is everything before its last assistant turn
     messages = ppo.to_prompts(ppo.load_split(data_files["messages"], None, "train"))
     assert [m["role"] for m in messages[0]] == ["system", "user", "assistant", "user"]
-    assert ppo.tokenize_prompts(["x " * 50], tok, 7, "long")[0] == tok("x " * 50).input_ids[-7:]
+    kept = ppo.tokenize_prompts(["x " * 50], tok, 23, 7, "long")[0]["prompt_ids"]
+    assert kept == tok("x " * 50).input_ids[-7:]
 
 
 # ---- issue 10: where users run it (DeepSpeed ZeRO-2/3, bf16, gradient checkpointing), on CPU ----
