@@ -264,11 +264,12 @@ def tokenize_pairs(
                 f"row {i}: chosen and rejected as messages need the prompt as messages too"
             )
         prompt_ids = encode_prompt(tokenizer, row["prompt"])
+        completions = [
+            encode_completion(tokenizer, row["prompt"], row[s]) for s in ("chosen", "rejected")
+        ]
         chosen, rejected = (
-            truncate(prompt_ids, encode_completion(tokenizer, row["prompt"], row[side]), max_length,
-                     max_prompt_length)
-            for side in ("chosen", "rejected")
-        )  # fmt: skip
+            truncate(prompt_ids, c, max_length, max_prompt_length) for c in completions
+        )
         if chosen is None or rejected is None:
             n_dropped += 1
             continue
