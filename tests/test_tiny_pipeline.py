@@ -190,6 +190,16 @@ def test_quick_runs_every_stage_into_a_temporary_directory():
             and "PARTIAL" not in table
         )
         assert (results_md.parent / "gold_vs_accuracy.png").stat().st_size > 1000
+        # every labeller tunes every method by its own validation score, not by gold
+        tuning = json.loads((work / "tuning.json").read_text())
+        assert set(tuning["chosen"]) == set(results["arms"])
+        assert all(set(m) == {"dpo", "dpo_iter", "ppo"} for m in tuning["chosen"].values())
+        rm_tune = json.loads(
+            next(
+                (work / "cells" / "tune" / "reward_model" / "ppo").rglob("seed_*.json")
+            ).read_text()
+        )
+        assert rm_tune["labeller_score"] != rm_tune["gold_sampled"]  # the reward model's score
         # every stage ran through the real scripts, with the same missing-EOS penalty for PPO and DPO-Iter
         seed = work / f"seed_{results['seeds'][0]}"
         for stage in [

@@ -24,9 +24,10 @@ Design (issue 13):
    correct answer >= 95%). The report says which parts of the bar it meets.
 4. Headroom: a small SFT model, briefly trained on strings of up to --max_digits digits, so its
    sampled gold is well below 1; sampled gold (temperature 1) is the primary metric, greedy beside it.
-5. Equal tuning effort: a learning rate x (beta or kl_coef) grid per method, each run on the
-   --tuning_seeds (not reported) under the gold labeller; the setting with the best mean validation
-   score by the labeller (gold, missing-EOS penalty applied) is then used for every arm and seed.
+5. Equal tuning effort: a learning rate x (beta or kl_coef) grid per method, run on the
+   --tuning_seeds (not reported) under every labeller; for each (labeller, method) the setting with
+   the best mean validation score *by that labeller* (missing-EOS penalty applied) is used on every
+   reported seed. Gold is only the reported outcome (the tuning table shows it beside each score).
    Every method's model is its final one (no per-seed checkpoint picking, so no method gets more
    selection than another).
 6. Statistics: --seeds (>= 10) per cell, paired per seed (the same data, SFT and labeller calibration
@@ -390,10 +391,13 @@ def text(tok, ids: list) -> str:
     return tok.decode([t for t in ids if t != tok.eos_token_id], skip_special_tokens=True)
 
 
-def evaluate(policy_path, sft_path, prompts: list, a: Args, seed: int) -> dict:
+def evaluate(
+    policy_path, sft_path, prompts: list, a: Args, seed: int, score, penalty: float
+) -> dict:
     """Gold of greedy and of sampled (temperature 1) responses; on the sampled ones: KL(policy || SFT)
     (Monte-Carlo: mean of log pi - log pi_sft), unfinished share, |length error| in digits, and the
-    validation-style score (gold with the missing-EOS penalty)."""
+    labeller's score (`score` on finished responses, `penalty` on unfinished ones: what tuning and
+    selection see; gold is only the reported outcome)."""
     import torch
 
     torch.manual_seed(seed)
@@ -422,7 +426,7 @@ def evaluate(policy_path, sft_path, prompts: list, a: Args, seed: int) -> dict:
             abs(len(t.split()) - len(task.target(p))) for p, t in zip(prompts, texts)
         ),
         "labeller_score": statistics.fmean(
-            g if f else a.missing_eos_penalty for g, (_, f) in zip(gold_s, sampled)
+            s if f else penalty for s, (_, f) in zip(score(prompts, texts), sampled)
         ),
     }
 
@@ -514,21 +518,19 @@ def prepare_seed(a: Args, seed: int) -> dict:
     ]
     temperatures = {f"{acc}": task.calibrate_temperature(gaps, acc) for acc in a.accuracies}
 
-    # the reward model's "human" data: train pairs first, held-out pairs after them
+    # the reward model's "human" data: train pairs first, held-out pairs after them. Even rows are
+    # pairs of SFT samples, odd rows corruptions of the answer, so every prefix (each size of the
+    # learning curve) and the held-out pairs come from the same mix.
     n = max(a.rm_sizes) + a.rm_heldout
     rm_prompts = [new_prompt() for _ in range(n)]
     sft_samples = generate(
-        model,
-        tok,
-        [q for q in rm_prompts[: n // 2] for _ in range(2)],
-        a.max_new_tokens,
-        sample=True,
+        model, tok, [q for q in rm_prompts[::2] for _ in range(2)], a.max_new_tokens, sample=True
     )
     rows = []
     for i, q in enumerate(rm_prompts):  # every pair distinct, so train and held-out never overlap
         x, y = (
-            (text(tok, sft_samples[2 * i + j][0]) or " " for j in range(2))
-            if i < n // 2
+            (text(tok, sft_samples[i + j][0]) or " " for j in range(2))  # pair i // 2 of samples
+            if i % 2 == 0
             else (" ", " ")
         )
         while x == y:  # identical SFT samples, or the off-policy half: corruptions of the answer
@@ -832,7 +834,7 @@ def train(
 
 def cell(a: Args, kind: str, seed: int, arm: str, method: str, setting: str) -> dict:
     """One (kind, labeller, method, setting, seed) cell: train (unless SFT), evaluate, save its result.
-    kind: 'tune' (validation prompts, gold labeller), 'main' or 'ablation' (test prompts)."""
+    kind: 'tune' (validation prompts), 'main' or 'ablation' (test prompts)."""
     path = cell_path(a, kind, seed, arm, method, setting)
     if path.exists():
         return json.loads(path.read_text())
@@ -844,7 +846,7 @@ def cell(a: Args, kind: str, seed: int, arm: str, method: str, setting: str) -> 
         else (0.0, 0.0)
     )
     if kind == "ablation":
-        lr, coef = (float(x) for x in chosen_settings(a)["ppo"].split(","))
+        lr, coef = (float(x) for x in chosen_settings(a)["gold"]["ppo"].split(","))
     out = d / "runs" / kind / arm / method / setting.replace(",", "_")
     policy = (
         d / "sft"
@@ -855,7 +857,11 @@ def cell(a: Args, kind: str, seed: int, arm: str, method: str, setting: str) -> 
     )
     split = "val" if kind == "tune" else "test"
     prompts = [r["prompt"] for r in read_jsonl(d / f"{split}_prompts.jsonl")]
-    result = {**evaluate(policy, d / "sft", prompts, a, seed), "cpu_s": time.process_time() - start}
+    _, penalty, score = labeller(a, seed, arm)
+    result = {
+        **evaluate(policy, d / "sft", prompts, a, seed, score, penalty),
+        "cpu_s": time.process_time() - start,
+    }
     write_json(path, result)
     return result
 
@@ -1081,15 +1087,26 @@ def write_report(a: Args, extra: dict, wall: float, final: bool):
         ]
     if extra.get("tuning"):
         lines += [
-            "## Tuning (tuning seeds, validation prompts, gold labeller with the missing-EOS penalty)",
+            "## Tuning (tuning seeds, validation prompts; each labeller picks by its own score)",
             "",
-            "| method | setting (lr, beta or kl_coef) | validation score |",
+            (
+                "Each cell: the labeller's mean validation score (missing-EOS penalty included), then"
+                " in brackets the gold reward of the same runs (reported, never used to choose);"
+                " * = chosen."
+            ),
+            "",
+            "| labeller | method | settings (lr, beta or kl_coef): labeller score [gold] |",
             "| --- | --- | --- |",
         ]
-        for method, rows in extra["tuning"]["scores"].items():
-            for setting, vals in rows.items():
-                star = " (chosen)" if extra["tuning"]["chosen"][method] == setting else ""
-                lines.append(f"| {names[method]} | {setting}{star} | {fmt(vals)} |")
+        for arm, by_m in extra["tuning"]["scores"].items():
+            for method, rows in by_m.items():
+                gold = extra["tuning"]["gold_sampled"][arm][method]
+                cells = [
+                    f"{g}{'*' if extra['tuning']['chosen'][arm][method] == g else ''}: "
+                    f"{statistics.fmean(v):.3f} [{statistics.fmean(gold[g]):.3f}]"
+                    for g, v in rows.items()
+                ]
+                lines.append(f"| {arm} | {names[method]} | {'; '.join(cells)} |")
         lines.append("")
     lines += ["## Main table", ""]
     for arm, body in results["arms"].items():
@@ -1283,30 +1300,52 @@ def main(a: Args):
         }
         best = statistics.fmean(curve[max(a.rm_sizes)])
         size = min(n for n in a.rm_sizes if statistics.fmean(curve[n]) >= best - 0.01)
-        checks = run_all(pool, [(link_reward_model, a, s, size) for s in a.seeds])
+        # every seed's reward model at that size; the tuning seeds' ones label their tuning runs
+        checks = run_all(pool, [(link_reward_model, a, s, size) for s in seeds])
+        checks = [c for s, c in zip(seeds, checks) if s in a.seeds]
         extra["reward_model"] = {"learning_curve": curve, "chosen_size": size, "per_seed": checks}
 
-        print(f"[{time.time() - start:6.0f}s] tuning sweep", flush=True)
+        print(f"[{time.time() - start:6.0f}s] tuning sweep under every labeller", flush=True)
+        arms = ["gold", "reward_model"] + [f"noisy_{acc}" for acc in a.accuracies]
         grids = {"dpo": a.dpo_grid, "dpo_iter": a.dpo_grid, "ppo": a.ppo_grid}
         jobs = [
-            (cell, a, "tune", s, "gold", m, g)
+            (cell, a, "tune", s, arm, m, g)
+            for arm in arms
             for m, gs in grids.items()
             for g in gs
             for s in a.tuning_seeds
         ]
         rows = run_all(pool, jobs)
+        # the labeller's own validation score picks each (labeller, method)'s setting
         scores = {
-            m: {
-                g: [r["labeller_score"] for j, r in zip(jobs, rows) if j[5] == m and j[6] == g]
-                for g in gs
+            arm: {
+                m: {
+                    g: [r["labeller_score"] for j, r in zip(jobs, rows) if j[4:] == (arm, m, g)]
+                    for g in gs
+                }
+                for m, gs in grids.items()
             }
-            for m, gs in grids.items()
+            for arm in arms
         }
-        chosen = {m: max(gs, key=lambda g: statistics.fmean(gs[g])) for m, gs in scores.items()}
+        chosen = {
+            arm: {m: max(gs, key=lambda g: statistics.fmean(gs[g])) for m, gs in by_m.items()}
+            for arm, by_m in scores.items()
+        }
+        gold = {  # the gold outcome of the same tuning runs: reported, never used to choose
+            arm: {
+                m: {
+                    g: [r["gold_sampled"] for j, r in zip(jobs, rows) if j[4:] == (arm, m, g)]
+                    for g in gs
+                }
+                for m, gs in grids.items()
+            }
+            for arm in arms
+        }
         extra["tuning"] = {
             "scores": scores,
+            "gold_sampled": gold,
             "chosen": chosen,
-            "cpu_s": {f"{j[5]} {j[6]} seed {j[3]}": r["cpu_s"] for j, r in zip(jobs, rows)},
+            "cpu_s": {" ".join(map(str, j[3:])): r["cpu_s"] for j, r in zip(jobs, rows)},
         }
         write_json(Path(a.output_dir) / "tuning.json", extra["tuning"])
 
@@ -1314,10 +1353,9 @@ def main(a: Args):
             f"[{time.time() - start:6.0f}s] main cells and ablation; results rewritten as cells finish",
             flush=True,
         )
-        arms = ["gold", "reward_model"] + [f"noisy_{acc}" for acc in a.accuracies]
         jobs = [(cell, a, "main", s, "gold", "sft", "final") for s in a.seeds]
         jobs += [
-            (cell, a, "main", s, arm, m, chosen[m])
+            (cell, a, "main", s, arm, m, chosen[arm][m])
             for arm in arms
             for s in a.seeds
             for m in ("ppo", "dpo_iter", "dpo")
