@@ -320,7 +320,7 @@ def reward_model_inputs(
     neither EOS nor the template's end-of-turn text, so the reward model sees an open turn."""
     if rm_tokenizer.get_vocab() == tokenizer.get_vocab():
         return prompt_ids + response_ids
-    text = tokenizer.decode(response_ids, skip_special_tokens=True)
+    text = decode_response(tokenizer, prompt_ids, response_ids)
     rm_prompt_ids = encode_prompt(rm_tokenizer, prompt)
     if not finished:
         return rm_prompt_ids + rm_tokenizer(text, add_special_tokens=False).input_ids
@@ -346,7 +346,10 @@ def score_samples(
         scores = call_reward_fn(
             reward_fn,
             [prompt_text(tokenizer, p["prompt"]) for p in prompts],
-            [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in samples],
+            [
+                decode_response(tokenizer, p["prompt_ids"], ids)
+                for p, (ids, _) in zip(prompts, samples)
+            ],
             finished,
         )
     else:
@@ -414,9 +417,9 @@ def build_iteration_pairs(accelerator, args, policy, tokenizer, prompts: list, s
         pair, truncated = out
         pair["record"] = {  # for iter_K/pairs.jsonl
             "prompt": prompt_text(tokenizer, prompts[i]["prompt"]),
-            "chosen": tokenizer.decode(best_ids, skip_special_tokens=True),
+            "chosen": decode_response(tokenizer, prompts[i]["prompt_ids"], best_ids),
             "chosen_score": best,
-            "rejected": tokenizer.decode(worst_ids, skip_special_tokens=True),
+            "rejected": decode_response(tokenizer, prompts[i]["prompt_ids"], worst_ids),
             "rejected_score": worst,
         }
         pairs.append(pair)
@@ -1657,6 +1660,17 @@ def call_reward_fn(fn, prompts: list, completions: list, finished: list) -> list
             f"{len(scores)} completions, e.g. {completions[bad[0]][:40]!r}"
         )
     return scores
+
+
+def decode_response(tokenizer, prompt_ids: list, response_ids: list) -> str:
+    """A response's text as it reads after its prompt (special tokens dropped): decoded with the prompt,
+    then the prompt's text cut off. Decoded alone, a SentencePiece response loses its leading space
+    ('▁world' -> 'world'), and a reward function or another vocabulary would see 'helloworld'."""
+    prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    text = tokenizer.decode(prompt_ids + response_ids, skip_special_tokens=True)
+    if text.startswith(prompt):
+        return text[len(prompt) :]
+    return tokenizer.decode(response_ids, skip_special_tokens=True)
 
 
 def apply_missing_eos_penalty(

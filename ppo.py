@@ -534,15 +534,15 @@ class Scorer:
         self.std = float(getattr(config, "reward_std", 1.0)) if normalize else 1.0
 
     def texts(self, prompts, prompt_mask, responses, response_mask):
-        """-> (prompt texts, response texts), special tokens dropped."""
-
-        def decode(rows, masks):
-            return [
-                self.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
-                for row, m in zip(rows, masks)
-            ]
-
-        return decode(prompts, prompt_mask), decode(responses, response_mask)
+        """-> (prompt texts, response texts as they read after the prompt), special tokens dropped."""
+        rows = [
+            (p[pm.bool()].tolist(), r[rm.bool()].tolist())
+            for p, pm, r, rm in zip(prompts, prompt_mask, responses, response_mask)
+        ]
+        return (
+            [self.tokenizer.decode(p, skip_special_tokens=True) for p, _ in rows],
+            [decode_response(self.tokenizer, p, r) for p, r in rows],
+        )
 
     @torch.no_grad()
     def __call__(self, prompts, prompt_mask, responses, response_mask, has_eos) -> torch.Tensor:
@@ -1664,6 +1664,17 @@ def call_reward_fn(fn, prompts: list, completions: list, finished: list) -> list
             f"{len(scores)} completions, e.g. {completions[bad[0]][:40]!r}"
         )
     return scores
+
+
+def decode_response(tokenizer, prompt_ids: list, response_ids: list) -> str:
+    """A response's text as it reads after its prompt (special tokens dropped): decoded with the prompt,
+    then the prompt's text cut off. Decoded alone, a SentencePiece response loses its leading space
+    ('▁world' -> 'world'), and a reward function or another vocabulary would see 'helloworld'."""
+    prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    text = tokenizer.decode(prompt_ids + response_ids, skip_special_tokens=True)
+    if text.startswith(prompt):
+        return text[len(prompt) :]
+    return tokenizer.decode(response_ids, skip_special_tokens=True)
 
 
 def apply_missing_eos_penalty(

@@ -74,6 +74,21 @@ def build_tokenizer(pad: bool):
     return fast
 
 
+def build_sentencepiece_tokenizer():
+    """A SentencePiece-style word tokenizer (Metaspace: a word's leading space is part of its token,
+    '▁Paris.'), as Llama's: decoded on its own, a response loses its leading space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "</s>", "<unk>", "▁Capital", "▁of", "▁France?", "▁Paris.", "▁Rome."]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
 def build_config(arch: str, tokenizer):
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import build_tokenizer
+from conftest import build_sentencepiece_tokenizer, build_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dpo
@@ -450,3 +450,34 @@ def test_missing_eos_penalty_applies_to_reward_functions_that_see_finished(tok):
     assert seen["finished"] == [True, False]
     args = dpo.Args()  # None: no penalty
     assert dpo.score_samples(None, args, tok, score, None, None, prompts, samples) == [10.0, 10.0]
+
+
+def test_a_sentencepiece_response_keeps_its_leading_space_for_labellers(tok):
+    """Decoded alone, '▁Paris.' reads 'Paris.': the reward function and a reward model with another
+    vocabulary (byte-level BPE, where ' Paris' and 'Paris' differ) would see 'France?Paris.'."""
+    sp = build_sentencepiece_tokenizer()
+    prompt = "Capital of France?"
+    prompt_ids = sp(prompt).input_ids
+    response = sp(" Paris.", add_special_tokens=False).input_ids + [sp.eos_token_id]
+    assert sp.decode(response, skip_special_tokens=True) == "Paris."  # the pitfall
+    assert dpo.decode_response(sp, prompt_ids, response) == " Paris."
+    ids = dpo.reward_model_inputs(sp, tok, prompt, prompt_ids, response, True)
+    assert ids == tok("Capital of France? Paris.").input_ids + [tok.eos_token_id]
+    seen = {}
+
+    def score(prompts, completions):
+        seen["completions"] = completions
+        return [1.0] * len(completions)
+
+    samples = [(response, True)]
+    dpo.score_samples(
+        None,
+        dpo.Args(),
+        sp,
+        score,
+        None,
+        None,
+        [{"prompt": prompt, "prompt_ids": prompt_ids}],
+        samples,
+    )
+    assert seen["completions"] == [" Paris."]

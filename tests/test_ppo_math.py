@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import build_sentencepiece_tokenizer
 
 import ppo
 
@@ -241,3 +242,17 @@ def test_batch_arithmetic_follows_the_arguments():
         ppo.derive_batch_sizes(SimpleNamespace(**{**vars(paper), "num_minibatches": 3}), 1)
     with pytest.raises(ppo.DataError, match=">= 1"):
         ppo.derive_batch_sizes(SimpleNamespace(**{**vars(paper), "ppo_epochs": 0}), 1)
+
+
+def test_reward_function_sees_a_sentencepiece_response_with_its_leading_space():
+    """The prompt is left-padded, the response right-padded; the response's text is what follows the
+    prompt (' Paris.'), not its tokens decoded alone ('Paris.')."""
+    sp = build_sentencepiece_tokenizer()
+    pad, eos = sp.pad_token_id, sp.eos_token_id
+    prompt = sp("Capital of France?").input_ids
+    response = sp(" Paris.", add_special_tokens=False).input_ids
+    prompts = torch.tensor([[pad] + prompt])
+    responses = torch.tensor([response + [eos, pad]])
+    scorer = ppo.Scorer(SimpleNamespace(normalize_reward=False), sp, "cpu", reward_fn=len)
+    texts = scorer.texts(prompts, prompts != pad, responses, responses != pad)
+    assert texts == (["Capital of France?"], [" Paris."])
