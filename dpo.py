@@ -866,64 +866,39 @@ def main(args: Args):
     evals = load_data(args.eval_split, "eval") if args.eval_split else []
 
     # ---- resume point (DPO: checkpoints/step_N; DPO-Iter: the last iter_K), output directory ----
-    first, step, policy_path, resume_from = 1, 0, None, None
+    # `step` is where the next iteration's global steps start; DPO's checkpoint carries its own
+    first, step, policy_path, resume_from, resume_step = 1, 0, None, None, 0
     if online:
         first, step, policy_path = find_iteration(args.output_dir, args.resume_from_checkpoint)
+        resume_step = step
     else:
         resume_from = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
         if resume_from is not None:
-            step = json.loads((resume_from / "step.json").read_text())["step"]
+            resume_step = json.loads((resume_from / "step.json").read_text())["step"]
     resuming = resume_from or (Path(policy_path) if policy_path else None)
     # refuse to mix runs (--overwrite_output_dir also clears iter_K, which a resume would pick up)
     on_main(accelerator, prepare_output_dir, args, resuming)
     accelerator.init_trackers("dpo", config=asdict(args))
-    log = MetricsLog(accelerator, args.output_dir, resume_step=step)
+    log = MetricsLog(accelerator, args.output_dir, resume_step=resume_step)
     ref_path = args.ref_model_name_or_path or args.model_name_or_path
 
-    if not online:
-        # ---- DPO on the dataset's pairs: the reference, then the policy ----
-        t0 = time.time()
+    if args.eval_only:  # DPO's eval pairs, the policy frozen too
         ref_model = load_frozen(args, accelerator, AutoModelForCausalLM, ref_path)
-        if args.precompute_ref_logps:
-            # The reference runs once, before the policy loads, and is freed: one model at a time.
-            for pairs in (train, evals):
-                compute_ref_logps(accelerator, ref_model, pairs, eval_batch, tokenizer.pad_token_id)
-            ref_model = None
-            accelerator.print(
-                f"precomputed reference log-probs of {len(train) + len(evals)} pairs in "
-                f"{time.time() - t0:.1f}s; the reference model is freed before the policy loads"
-            )
-        if args.eval_only:  # the policy is frozen too
-            policy = load_frozen(args, accelerator, AutoModelForCausalLM, args.model_name_or_path)
-            eval_loader = accelerator.prepare(
-                torch.utils.data.DataLoader(
-                    evals,
-                    batch_size=args.per_device_eval_batch_size,
-                    collate_fn=lambda pairs: collate_pairs(pairs, tokenizer.pad_token_id),
-                )
-            )
-            metrics = evaluate(accelerator, policy, ref_model, eval_loader, args)
-            log.log(metrics, 0)
-            accelerator.print(json.dumps(metrics))
-        else:
-            policy = load_policy(args, args.model_name_or_path)
-            # global step numbers start at 0; a resume continues from its checkpoint's
-            train_dpo(
-                args,
-                accelerator,
-                log,
-                tokenizer,
-                policy,
-                ref_model,
-                train,
+        policy = load_frozen(args, accelerator, AutoModelForCausalLM, args.model_name_or_path)
+        eval_loader = accelerator.prepare(
+            torch.utils.data.DataLoader(
                 evals,
-                resume_from=resume_from,
-                save_to=(args.output_dir,),
+                batch_size=args.per_device_eval_batch_size,
+                collate_fn=lambda pairs: collate_pairs(pairs, tokenizer.pad_token_id),
             )
+        )
+        metrics = evaluate(accelerator, policy, ref_model, eval_loader, args)
+        log.log(metrics, 0)
+        accelerator.print(json.dumps(metrics))
         accelerator.end_training()
         return
 
-    # ---- DPO-Iter (Sec. 4.3): sample, label, DPO; the trained policy is the next reference ----
+    # ---- the labeller of DPO-Iter's samples: a reward model or a reward function ----
     reward_model = rm_tokenizer = None
     if args.reward_model_name_or_path:
         reward_model = load_frozen(
@@ -945,43 +920,55 @@ def main(args: Args):
 
     if policy_path is not None:
         accelerator.print(f"resumed after iteration {first - 1} (step {step}) from {policy_path}")
+    # One path: DPO is a single iteration on the dataset's pairs; DPO-Iter (Sec. 4.3) runs
+    # --iterations of sample, label, DPO, and each trained policy is the next reference.
     for iteration in range(first, args.iterations + 1):
-        # ---- rollout: sample from the current policy, label, pair best with worst ----
         iter_dir, tag = Path(args.output_dir) / f"iter_{iteration}", f"iteration {iteration}"
         # Iteration 1's reference is --ref_model_name_or_path or the initial policy; later
         # iterations' is the policy the previous iteration trained.
         ref_at = ref_path if iteration == 1 else policy_path
         policy_path = policy_path or args.model_name_or_path
-        policy = load_policy(args, policy_path)
-        if accelerator.state.deepspeed_plugin is None:
-            policy.to(accelerator.device)
-        # each process its own noise
-        torch.manual_seed(args.seed + iteration + 100003 * accelerator.process_index)
-        train_pairs, stats = build_iteration_pairs(
-            accelerator, args, policy, tokenizer, train, score, f"{tag} train"
-        )
-        eval_pairs = []
-        if evals:
-            eval_pairs, _ = build_iteration_pairs(
-                accelerator, args, policy, tokenizer, evals, score, f"{tag} eval"
+        policy = None
+        train_pairs, eval_pairs = train, evals
+        if online:
+            # ---- rollout: sample from the current policy, label, pair best with worst ----
+            policy = load_policy(args, policy_path)
+            if accelerator.state.deepspeed_plugin is None:
+                policy.to(accelerator.device)
+            # each process its own noise
+            torch.manual_seed(args.seed + iteration + 100003 * accelerator.process_index)
+            train_pairs, stats = build_iteration_pairs(
+                accelerator, args, policy, tokenizer, train, score, f"{tag} train"
             )
-        log.log(
-            {
-                "iteration": iteration,
-                "iteration/pairs": stats["pairs"],
-                "iteration/ties_skipped": stats["ties_skipped"],
-                "iteration/unfinished": stats["unfinished"],
-                "iteration/unfinished_chosen": stats["unfinished_chosen"],
-                "objective/scores": stats["scores_mean"],
-            },
-            step,
-        )
+            eval_pairs = []
+            if evals:
+                eval_pairs, _ = build_iteration_pairs(
+                    accelerator, args, policy, tokenizer, evals, score, f"{tag} eval"
+                )
+            log.log(
+                {
+                    "iteration": iteration,
+                    "iteration/pairs": stats["pairs"],
+                    "iteration/ties_skipped": stats["ties_skipped"],
+                    "iteration/unfinished": stats["unfinished"],
+                    "iteration/unfinished_chosen": stats["unfinished_chosen"],
+                    "objective/scores": stats["scores_mean"],
+                },
+                step,
+            )
         # ---- update: DPO on this iteration's pairs ----
+        t0 = time.time()
         ref_model = load_frozen(args, accelerator, AutoModelForCausalLM, ref_at)
         if args.precompute_ref_logps:
+            # the reference runs once over the pairs and is freed: one model at a time
             for pairs in (train_pairs, eval_pairs):
                 compute_ref_logps(accelerator, ref_model, pairs, eval_batch, tokenizer.pad_token_id)
             ref_model = None
+            accelerator.print(
+                f"precomputed reference log-probs of {len(train_pairs) + len(eval_pairs)} pairs in "
+                f"{time.time() - t0:.1f}s; the reference model is freed before the policy loads"
+            )
+        policy = policy or load_policy(args, policy_path)
         set_seed(args.seed)  # the same data order on every process
         last = iteration == args.iterations
         step = train_dpo(
@@ -994,11 +981,12 @@ def main(args: Args):
             train_pairs,
             eval_pairs,
             step,
-            checkpoints=False,
-            save_to=(iter_dir, args.output_dir) if last else (iter_dir,),
+            resume_from=resume_from,
+            checkpoints=not online,  # DPO-Iter resumes after its last complete iteration
+            save_to=(iter_dir,) * online + (args.output_dir,) * last,
         )
         # ---- save: train_dpo saved the policy; then pairs.jsonl and iteration.json (done) ----
-        if accelerator.is_main_process:
+        if online and accelerator.is_main_process:
             with open(iter_dir / "pairs.jsonl", "w") as f:
                 f.writelines(json.dumps(pair["record"]) + "\n" for pair in train_pairs)
             record = {"iteration": iteration, "step": step, "reference": str(ref_at), **stats}
