@@ -41,11 +41,12 @@ every finished cell, so a long run can be committed in parts. Everything is resu
 cell (labeller, method, seed) is never redone, and a stage whose recorded settings (`stage.json`:
 its flags and the settings of the stages it builds on) differ from the wanted ones is redone.
 
-Cost, measured in CPU seconds per cell (training + evaluation, one thread, the default sizes): DPO 5,
-DPO-Iter 5, PPO 14, small-batch PPO 17, SFT evaluation 0.6; data + SFT 15 per seed; the reward model
-about 1.8 ms per pair and epoch. The full run adds up to about 4,100 CPU-s: 35-45 minutes with
---jobs 2 on two otherwise idle cores. The stages run in worker processes that import the scripts
-once (a subprocess per stage would add about 4 CPU-s each).
+Cost, measured in CPU seconds per cell (training + evaluation, one thread, the default sizes; medians
+of the 2026-11-24 run): DPO 4, DPO-Iter 3, PPO 9, SFT evaluation 0.6; data + SFT 15 per seed; the
+reward model about 1.2 ms per pair and epoch (75 CPU-s at 20,000 pairs). The full run took 3,977 CPU-s
+and 41 minutes with --jobs 2 (the tuning sweep, 270 cells under five labellers, is a third of it).
+The stages run in worker processes that import the scripts once (a subprocess per stage would add
+about 4 CPU-s each).
 
     python examples/tiny_pipeline/run.py            # the full study (work/ is git-ignored)
     python examples/tiny_pipeline/run.py --quick    # every stage at tiny sizes, into a temporary directory
