@@ -1317,30 +1317,22 @@ def main(a: Args):
             for s in a.tuning_seeds
         ]
         rows = run_all(pool, jobs)
-        # the labeller's own validation score picks each (labeller, method)'s setting
-        scores = {
-            arm: {
-                m: {
-                    g: [r["labeller_score"] for j, r in zip(jobs, rows) if j[4:] == (arm, m, g)]
-                    for g in gs
+
+        def per_setting(key: str) -> dict:  # {labeller: {method: {setting: [per tuning seed]}}}
+            return {
+                arm: {
+                    m: {g: [r[key] for j, r in zip(jobs, rows) if j[4:] == (arm, m, g)] for g in gs}
+                    for m, gs in grids.items()
                 }
-                for m, gs in grids.items()
+                for arm in arms
             }
-            for arm in arms
-        }
+
+        # the labeller's own validation score picks each (labeller, method)'s setting; the gold
+        # outcome of the same runs is reported beside it, never used to choose
+        scores, gold = per_setting("labeller_score"), per_setting("gold_sampled")
         chosen = {
             arm: {m: max(gs, key=lambda g: statistics.fmean(gs[g])) for m, gs in by_m.items()}
             for arm, by_m in scores.items()
-        }
-        gold = {  # the gold outcome of the same tuning runs: reported, never used to choose
-            arm: {
-                m: {
-                    g: [r["gold_sampled"] for j, r in zip(jobs, rows) if j[4:] == (arm, m, g)]
-                    for g in gs
-                }
-                for m, gs in grids.items()
-            }
-            for arm in arms
         }
         extra["tuning"] = {
             "scores": scores,
