@@ -164,10 +164,11 @@ def to_sft(ds: Dataset, filter: str = "none") -> Dataset:
 def encode_conversation(tokenizer, messages: list):
     """Token ids and a 0/1 loss mask for a whole conversation: only assistant turns carry loss, each up
     to and including its EOS. A template that ends a turn with EOS and more text (ChatML:
-    '<|im_end|>\\n') keeps that tail as context, and the sequence ends in exactly one EOS."""
+    '<|im_end|>\\n') keeps that tail as context, and the sequence ends in exactly one EOS. An empty
+    assistant turn is context, not a target (it would teach the model to stop at once)."""
     ids, mask, done, eos = [], [], "", tokenizer.eos_token_id
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or message["content"] == "":
             continue
         before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
         after = render_chat(tokenizer, messages[: i + 1])
@@ -212,6 +213,9 @@ def tokenize_sft(
                 )
             if not any(m["role"] == "assistant" for m in row["messages"]):
                 dropped["no assistant turn"] += 1
+                continue
+            if all(m["content"] == "" for m in row["messages"] if m["role"] == "assistant"):
+                dropped["empty completion"] += 1
                 continue
             ids, mask = encode_conversation(tokenizer, row["messages"])
             if len(ids) > max_length:

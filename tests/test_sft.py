@@ -49,6 +49,26 @@ def test_chat_template_loss_only_on_assistant_turns(tok, data_files):
     assert tok.decode(ex["input_ids"]) == full
 
 
+def test_an_empty_assistant_turn_is_context_not_a_stop_target(tok, capsys):
+    """An empty reply would train EOS right after '<|assistant|>': the model would learn to answer
+    nothing. It stays as context for later turns; a conversation with only empty replies is dropped."""
+    hi, bye = {"role": "user", "content": "Hi."}, {"role": "user", "content": "Bye."}
+    rows = [
+        {"messages": [hi, {"role": "assistant", "content": ""}]},
+        {"messages": [hi, {"role": "assistant", "content": "Hello."}, bye, {"role": "assistant", "content": ""}]},
+        {"messages": [hi, {"role": "assistant", "content": ""}, bye, {"role": "assistant", "content": "Ok."}]},
+    ]  # fmt: skip
+    first, second = sft.tokenize_sft(sft.Dataset.from_list(rows), tok, 512, None, "t")
+    assert "1 dropped (1 empty completion)" in capsys.readouterr().out
+    assert masked_text(tok, first) == "Hello.<|endoftext|>"
+    assert tok.decode(first["input_ids"]).endswith("Hello.<|endoftext|>")  # the empty turn is cut
+    assert masked_text(tok, second) == "Ok.<|endoftext|>"
+    # the empty turn, EOS included, is context only
+    assert unmasked_text(tok, second) == (
+        "<|user|>\nHi.\n<|assistant|>\n<|endoftext|><|user|>\nBye.\n<|assistant|>\n"
+    )
+
+
 @pytest.fixture(scope="module")
 def chatml_tok(chatml_model):
     return AutoTokenizer.from_pretrained(chatml_model)
