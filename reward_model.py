@@ -749,12 +749,17 @@ def render_chat(tokenizer, messages, add_generation_prompt=False) -> str:
 
 
 def encode_prompt(tokenizer, prompt) -> list:
-    """Prompt token ids: a string as is (with the tokenizer's special tokens), messages via the chat template."""
+    """Prompt token ids: messages via the chat template; a string as is, with the tokenizer's special
+    tokens, less an EOS it appends to every text (add_eos_token=True would end prompts in a stop)."""
     if isinstance(prompt, list):
         return tokenizer(
             render_chat(tokenizer, prompt, add_generation_prompt=True), add_special_tokens=False
         ).input_ids
-    return tokenizer(prompt).input_ids
+    ids = tokenizer(prompt).input_ids
+    eos = tokenizer.eos_token_id
+    if len(ids) > 1 and ids[-1] == eos and not prompt.endswith(str(tokenizer.eos_token)):
+        ids = ids[:-1]
+    return ids
 
 
 def encode_completion(tokenizer, prompt, completion) -> list:

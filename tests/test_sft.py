@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ARCHS, main_error, write_jsonl
+from conftest import ARCHS, build_sentencepiece_tokenizer, main_error, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sft
@@ -47,6 +47,23 @@ def test_chat_template_loss_only_on_assistant_turns(tok, data_files):
     # the ids are exactly the tokenization of the rendered conversation pieces
     full = tok.apply_chat_template(ds[0]["messages"], tokenize=False)
     assert tok.decode(ex["input_ids"]) == full
+
+
+def test_a_tokenizer_that_appends_eos_to_every_text_does_not_end_prompts_with_it():
+    """add_eos_token=True (a Llama tokenizer option) appends EOS to every text: a prompt ending in EOS
+    would teach the model to read a stop token before every answer."""
+    from tokenizers import processors
+
+    sp = build_sentencepiece_tokenizer()
+    sp.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", sp.eos_token_id)]
+    )
+    assert sp("Capital of France?").input_ids[-1] == sp.eos_token_id  # what the option does
+    prompt = sft.encode_prompt(sp, "Capital of France?")
+    assert sp.convert_ids_to_tokens(prompt) == ["▁Capital", "▁of", "▁France?"]
+    rows = [{"prompt": "Capital of France?", "completion": " Paris."}]
+    (ex,) = sft.tokenize_sft(sft.Dataset.from_list(rows), sp, 512, None, "t")
+    assert ex["input_ids"] == prompt + [sp.convert_tokens_to_ids("▁Paris."), sp.eos_token_id]
 
 
 def test_an_empty_assistant_turn_is_context_not_a_stop_target(tok, capsys):
