@@ -157,3 +157,16 @@ def test_paper_claim_default_config_heldout_seeds():
     assert diag["PPO"] > diag["DPO"] + 0.2
     assert unc["PPO"] < 0.1
     assert claim["rate"]["all"] >= 0.6
+
+
+def test_help_says_what_the_script_does(capsys):
+    """--help (in-process: tyro prints it and exits) names the experiment and an offline example."""
+    import tyro
+
+    with pytest.raises(SystemExit) as exit_info:
+        tyro.cli(st.Args, args=["--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "Table 1 and 8x8 synthetic experiment" in help_text
+    assert "python synthetic_toy.py --seeds 300 301 302" in help_text
+    assert "--output_dir" in help_text
