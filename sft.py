@@ -177,7 +177,7 @@ def encode_conversation(tokenizer, messages: list):
                 "chat template renders earlier turns differently as the conversation grows"
             )
         context = tokenizer(before[len(done) :], add_special_tokens=False).input_ids
-        reply = tokenizer(after[len(before) :], add_special_tokens=False).input_ids
+        reply = tokenize_after(tokenizer, before[len(done) :], after[len(before) :])
         end = len(reply) - reply[::-1].index(eos) if eos in reply else len(reply)
         ids += context + reply
         mask += [0] * len(context) + [1] * end + [0] * (len(reply) - end)
@@ -705,17 +705,28 @@ def encode_completion(tokenizer, prompt, completion) -> list:
     """Completion token ids ending in exactly one EOS, where generation stops, so the model learns to stop
     (the EOS trick depends on it). A chat template whose end-of-turn token is the EOS (ChatML:
     '<|im_end|>\\n') already rendered one: cut after it rather than append a second."""
-    if isinstance(
-        completion, list
-    ):  # assistant messages: the text the template adds after the prompt
-        before = render_chat(tokenizer, prompt, add_generation_prompt=True)
+    chat = isinstance(prompt, list)
+    before = render_chat(tokenizer, prompt, add_generation_prompt=True) if chat else prompt
+    # assistant messages: the text the template adds after the prompt
+    if isinstance(completion, list):
         after = render_chat(tokenizer, prompt + completion)
         if not after.startswith(before):
             raise DataError("chat template renders the prompt differently once a response follows")
         completion = after[len(before) :]
-    ids = tokenizer(completion, add_special_tokens=False).input_ids
+    ids = tokenize_after(tokenizer, before, completion)
     eos = tokenizer.eos_token_id
     return ids[: len(ids) - ids[::-1].index(eos)] if eos in ids else ids + [eos]
+
+
+def tokenize_after(tokenizer, context: str, text: str) -> list:
+    """Token ids of `text` as it is tokenized after `context` (both tokenized together, the context's ids
+    cut off), as a model reads and writes it. Alone, a SentencePiece text can start differently: a
+    legacy Llama tokenizer turns ' Paris' into '▁', '▁Paris'. Alone only if the two merge at the seam."""
+    head = tokenizer(context, add_special_tokens=False).input_ids
+    both = tokenizer(context + text, add_special_tokens=False).input_ids
+    if both[: len(head)] == head:
+        return both[len(head) :]
+    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def truncate(

@@ -74,15 +74,22 @@ def build_tokenizer(pad: bool):
     return fast
 
 
-def build_sentencepiece_tokenizer():
+def build_sentencepiece_tokenizer(legacy: bool = False):
     """A SentencePiece-style word tokenizer (Metaspace: a word's leading space is part of its token,
-    '▁Paris.'), as Llama's: decoded on its own, a response loses its leading space."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    '▁Paris.'), as Llama's: decoded on its own, a response loses its leading space. legacy=True is
+    built as a legacy Llama fast tokenizer is (normalizer: prepend '▁', spaces to '▁'): a text that
+    starts with a space, tokenized alone, gets an extra '▁' token (' Paris.' -> '▁', '▁Paris.')."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<pad>", "</s>", "<unk>", "▁Capital", "▁of", "▁France?", "▁Paris.", "▁Rome."]
+    words = ["<pad>", "</s>", "<unk>", "▁Capital", "▁of", "▁France?", "▁Paris.", "▁Rome.", "▁"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    if legacy:
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+        )
+        tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"

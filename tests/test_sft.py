@@ -66,6 +66,25 @@ def test_a_tokenizer_that_appends_eos_to_every_text_does_not_end_prompts_with_it
     assert ex["input_ids"] == prompt + [sp.convert_tokens_to_ids("▁Paris."), sp.eos_token_id]
 
 
+def test_a_completion_is_tokenized_as_it_reads_after_its_prompt():
+    """A legacy Llama tokenizer gives ' Paris.' alone an extra '▁' token that it never produces after
+    the prompt ('Capital of France? Paris.' ends in '▁Paris.'): the model would be trained to write a
+    token it does not read. Completions are tokenized together with their prompt, then cut."""
+    sp = build_sentencepiece_tokenizer(legacy=True)
+    assert sp.convert_ids_to_tokens(sp(" Paris.", add_special_tokens=False).input_ids) == [
+        "▁",
+        "▁Paris.",
+    ]  # the pitfall
+    rows = [{"prompt": "Capital of France?", "completion": " Paris."}]
+    (ex,) = sft.tokenize_sft(sft.Dataset.from_list(rows), sp, 512, None, "t")
+    assert sp.convert_ids_to_tokens(ex["input_ids"]) == [
+        "▁Capital", "▁of", "▁France?", "▁Paris.", "</s>"
+    ]  # fmt: skip
+    assert ex["input_ids"][:-1] == sp("Capital of France? Paris.").input_ids
+    # the same rule in every script that encodes completions (a shared helper)
+    assert sft.encode_completion(sp, "Capital of France?", " Paris.") == ex["input_ids"][3:]
+
+
 def test_an_empty_assistant_turn_is_context_not_a_stop_target(tok, capsys):
     """An empty reply would train EOS right after '<|assistant|>': the model would learn to answer
     nothing. It stays as context for later turns; a conversation with only empty replies is dropped."""

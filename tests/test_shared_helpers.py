@@ -20,7 +20,7 @@ SHARED = [
     "load_tokenizer", "disable_dropout", "check_finite", "generation_config", "MetricsLog",
     "RESUME_MAY_CHANGE", "on_main", "prepare_output_dir", "save_model", "save_checkpoint", "find_checkpoint",
     "load_checkpoint", "prepare_frozen", "check_reward_model", "load_reward_fn", "call_reward_fn",
-    "apply_missing_eos_penalty", "to_prompts", "tokenize_prompts", "decode_response",
+    "apply_missing_eos_penalty", "to_prompts", "tokenize_prompts", "decode_response", "tokenize_after",
 ]  # fmt: skip
 
 
