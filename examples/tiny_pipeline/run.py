@@ -1192,36 +1192,52 @@ def write_report(a: Args, extra: dict, wall: float, final: bool):
 
 
 def plot(results: dict, path: Path):
+    """Left: each method's gold reward against the labeller's accuracy (gold and noisy gold joined by
+    lines; the learned reward model, a different kind of labeller, as lone markers). Right: the paired
+    per-seed differences, whose intervals are the ones that decide (between-seed spread cancels)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    names = {"sft": "SFT", "dpo": "DPO", "dpo_iter": "DPO-Iter", "ppo": "PPO"}
+    arms = [a for a, body in results["arms"].items() if body["labeller_accuracy"] is not None]
+    noise = sorted(
+        (a for a in arms if a != "reward_model"),
+        key=lambda a: results["arms"][a]["labeller_accuracy"],
+    )
+    acc = lambda arm: results["arms"][arm]["labeller_accuracy"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+
+    def draw(ax, arm_list, values, style, label, connect):
+        points = [(acc(a), *mean_ci(v)) for a in arm_list if (v := values(a))]
+        if points:
+            xs, ys, hs = zip(*points)
+            errors = [0 if math.isnan(h) else h for h in hs]
+            fmt = style if connect else style.rstrip("-:")  # lone markers: no line
+            ax.errorbar(xs, ys, yerr=errors, fmt=fmt, label=label, capsize=3)
+
     for method, style in zip(METHODS, ["k:", "C0o-", "C1s-", "C2^-"]):
-        xs, ys, es = [], [], []
-        for body in results["arms"].values():
-            vals = [v for v in body["methods"][method]["gold_sampled"] if v is not None]
-            if vals and body["labeller_accuracy"] is not None:
-                m, h = mean_ci(vals)
-                (
-                    xs.append(body["labeller_accuracy"]),
-                    ys.append(m),
-                    es.append(0 if math.isnan(h) else h),
-                )
-        order = sorted(range(len(xs)), key=xs.__getitem__)
-        ax.errorbar(
-            [xs[i] for i in order],
-            [ys[i] for i in order],
-            yerr=[es[i] for i in order],
-            fmt=style,
-            label={"sft": "SFT", "dpo": "DPO", "dpo_iter": "DPO-Iter", "ppo": "PPO"}[method],
-            capsize=3,
+        vals = lambda a, m=method: [
+            v for v in results["arms"][a]["methods"][m]["gold_sampled"] if v is not None
+        ]
+        draw(left, noise, vals, style, names[method], True)
+        draw(left, ["reward_model"] if "reward_model" in arms else [], vals, style, None, False)
+    for (x, y), style in zip(PAIRS, ["C3o-", "C4s-", "C5^-"]):
+        diffs = lambda a, x=x, y=y: paired(results, a, x, y)
+        label = f"{names[x]} - {names[y]}"
+        draw(right, noise, diffs, style, label, True)
+        draw(right, ["reward_model"] if "reward_model" in arms else [], diffs, style, None, False)
+    right.axhline(0, color="grey", lw=0.8)
+    for ax in (left, right):
+        ax.set_xlabel(
+            "labeller pairwise accuracy on SFT samples\n(lone markers: the learned reward model)"
         )
-    ax.set_xlabel("labeller pairwise accuracy on SFT samples (reward model: measured)")
-    ax.set_ylabel("gold reward, sampled (test prompts)")
-    ax.set_title("Final gold reward against labeller accuracy (mean, 95% CI)")
-    ax.legend(fontsize=8)
+        ax.legend(fontsize=8)
+    left.set_ylabel("gold reward, sampled (test prompts)")
+    left.set_title("Gold reward by method (mean, 95% CI over seeds)")
+    right.set_ylabel("paired difference in sampled gold")
+    right.set_title("Paired per-seed differences (mean, 95% CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
