@@ -520,14 +520,15 @@ def rollout_forward(accelerator, model, ref_model, prompts, prompt_mask, respons
 
 
 class Scorer:
-    """Score (prompt, response) pairs with the reward model or the reward function."""
+    """Score (prompt, response) pairs with the reward model or the reward function. A reward model
+    runs in chunks of --local_rollout_forward_batch_size; a reward function gets the whole batch."""
 
     def __init__(
         self, args, tokenizer, device, reward_model=None, reward_tokenizer=None, reward_fn=None
     ):
         self.tokenizer, self.device = tokenizer, device
         self.reward_model, self.reward_tokenizer = reward_model, reward_tokenizer
-        self.reward_fn = reward_fn
+        self.reward_fn, self.chunk = reward_fn, args.local_rollout_forward_batch_size
         config = getattr(getattr(reward_model, "module", reward_model), "config", None)
         normalize = args.normalize_reward and config is not None
         self.mean = float(getattr(config, "reward_mean", 0.0)) if normalize else 0.0
@@ -550,6 +551,11 @@ class Scorer:
             prompt_texts, completions = self.texts(prompts, prompt_mask, responses, response_mask)
             scores = call_reward_fn(self.reward_fn, prompt_texts, completions, has_eos.tolist())
             return torch.tensor(scores, device=self.device)
+        sequences = (prompts, prompt_mask, responses, response_mask, has_eos)
+        parts = [slice(i, i + self.chunk) for i in range(0, len(prompts), self.chunk)]
+        return torch.cat([self.reward_model_scores(*(t[s] for t in sequences)) for s in parts])
+
+    def reward_model_scores(self, prompts, prompt_mask, responses, response_mask, has_eos):
         if self.reward_tokenizer is not None:  # a different vocabulary: go through text
             texts = self.texts(prompts, prompt_mask, responses, response_mask)
             batch = retokenize(*texts, has_eos, self.reward_tokenizer)
@@ -893,9 +899,8 @@ def main(args: Args):
         logp, ref_logp, values = rollout_forward(
             accelerator, unwrapped, ref_model, *sequences, chunk, args.temperature
         )
-        parts = [slice(i, i + chunk) for i in range(0, len(prompts), chunk)]
         with accelerator.autocast():
-            scores = torch.cat([scorer(*(t[s] for t in sequences), has_eos[s]) for s in parts])
+            scores = scorer(*sequences, has_eos)
         raw_scores = scores
         # Tulu 2.5 App. F: the EOS trick
         scores = apply_missing_eos_penalty(scores, has_eos, args.missing_eos_penalty)

@@ -285,7 +285,9 @@ def test_scorer_reads_the_reward_at_the_last_token_normalized_and_retokenized(
     second = tok(" It is 4, or so they say, but ok").input_ids[: len(first)]  # no EOS: truncated
     responses = torch.tensor([first, second])
     responses, mask, has_eos = ppo.truncate_after_eos(responses, tok.eos_token_id, tok.pad_token_id)
-    args = SimpleNamespace(normalize_reward=True, reward_fn=None)
+    args = SimpleNamespace(
+        normalize_reward=True, reward_fn=None, local_rollout_forward_batch_size=1
+    )
     scorer = ppo.Scorer(args, tok, torch.device("cpu"), rm)
     scores = scorer(batch["input_ids"], batch["attention_mask"], responses, mask, has_eos)
     with torch.no_grad():
@@ -304,7 +306,7 @@ def test_scorer_reads_the_reward_at_the_last_token_normalized_and_retokenized(
         save_reward_model(other, tmp_path / "rm_other")
     )
     scorer = ppo.Scorer(
-        SimpleNamespace(normalize_reward=False, reward_fn=None),
+        SimpleNamespace(normalize_reward=False, reward_fn=None, local_rollout_forward_batch_size=1),
         tok,
         torch.device("cpu"),
         other_rm,

@@ -253,6 +253,11 @@ def test_reward_function_sees_a_sentencepiece_response_with_its_leading_space():
     response = sp(" Paris.", add_special_tokens=False).input_ids
     prompts = torch.tensor([[pad] + prompt])
     responses = torch.tensor([response + [eos, pad]])
-    scorer = ppo.Scorer(SimpleNamespace(normalize_reward=False), sp, "cpu", reward_fn=len)
+    scorer = ppo.Scorer(
+        SimpleNamespace(normalize_reward=False, local_rollout_forward_batch_size=1),
+        sp,
+        "cpu",
+        reward_fn=len,
+    )
     texts = scorer.texts(prompts, prompts != pad, responses, responses != pad)
     assert texts == (["Capital of France?"], [" Paris."])
