@@ -491,6 +491,16 @@ def assert_one_line_error(proc, *needles):
         assert needle in errors[0], errors[0]
 
 
+def tyro_help(args_class, capsys) -> str:
+    """`--help` in-process (tyro prints it and exits 0), whitespace collapsed."""
+    import tyro
+
+    with pytest.raises(SystemExit) as exit_info:
+        tyro.cli(args_class, args=["--help"])
+    assert exit_info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
 def main_error(script: str, **kwargs) -> str:
     """Run `script`'s main(Args(**kwargs)) in this process (no ~4 s subprocess start) and return the
     message of the DataError it must raise: the one `error:` line the command line prints."""

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+from conftest import tyro_help
+
 import synthetic_toy as st
 
 
@@ -161,12 +163,7 @@ def test_paper_claim_default_config_heldout_seeds():
 
 def test_help_says_what_the_script_does(capsys):
     """--help (in-process: tyro prints it and exits) names the experiment and an offline example."""
-    import tyro
-
-    with pytest.raises(SystemExit) as exit_info:
-        tyro.cli(st.Args, args=["--help"])
-    assert exit_info.value.code == 0
-    help_text = " ".join(capsys.readouterr().out.split())
+    help_text = tyro_help(st.Args, capsys)
     assert "Table 1 and 8x8 synthetic experiment" in help_text
     assert "python synthetic_toy.py --seeds 300 301 302" in help_text
     assert "--output_dir" in help_text

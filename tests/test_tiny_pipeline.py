@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, _env
+from conftest import REPO, _env, tyro_help
 
 HERE = REPO / "examples" / "tiny_pipeline"
 sys.path.insert(0, str(HERE))
@@ -245,11 +245,6 @@ def test_quick_runs_every_stage_into_a_temporary_directory():
 
 def test_help_says_what_the_study_does(capsys):
     """--help (in-process) names the study and its quick form."""
-    import tyro
-
-    with pytest.raises(SystemExit) as exit_info:
-        tyro.cli(pipeline.Args, args=["--help"])
-    assert exit_info.value.code == 0
-    help_text = " ".join(capsys.readouterr().out.split())
+    help_text = tyro_help(pipeline.Args, capsys)
     assert "SFT, reward model, DPO, DPO-Iter and PPO under labellers of known accuracy" in help_text
     assert "python examples/tiny_pipeline/run.py --quick" in help_text
