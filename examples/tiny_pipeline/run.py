@@ -1202,11 +1202,9 @@ def plot(results: dict, path: Path):
 
     names = {"sft": "SFT", "dpo": "DPO", "dpo_iter": "DPO-Iter", "ppo": "PPO"}
     arms = [a for a, body in results["arms"].items() if body["labeller_accuracy"] is not None]
-    noise = sorted(
-        (a for a in arms if a != "reward_model"),
-        key=lambda a: results["arms"][a]["labeller_accuracy"],
-    )
     acc = lambda arm: results["arms"][arm]["labeller_accuracy"]
+    noise = sorted((a for a in arms if a != "reward_model"), key=acc)  # joined by lines
+    learned = [a for a in arms if a == "reward_model"]  # lone markers
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
 
     def draw(ax, arm_list, values, style, label, connect):
@@ -1222,12 +1220,12 @@ def plot(results: dict, path: Path):
             v for v in results["arms"][a]["methods"][m]["gold_sampled"] if v is not None
         ]
         draw(left, noise, vals, style, names[method], True)
-        draw(left, ["reward_model"] if "reward_model" in arms else [], vals, style, None, False)
+        draw(left, learned, vals, style, None, False)
     for (x, y), style in zip(PAIRS, ["C3o-", "C4s-", "C5^-"]):
         diffs = lambda a, x=x, y=y: paired(results, a, x, y)
         label = f"{names[x]} - {names[y]}"
         draw(right, noise, diffs, style, label, True)
-        draw(right, ["reward_model"] if "reward_model" in arms else [], diffs, style, None, False)
+        draw(right, learned, diffs, style, None, False)
     right.axhline(0, color="grey", lw=0.8)
     for ax in (left, right):
         ax.set_xlabel(
