@@ -884,6 +884,9 @@ def main(args: Args):
 
     if args.eval_only:  # DPO's eval pairs, the policy frozen too
         ref_model = load_frozen(args, accelerator, AutoModelForCausalLM, ref_path)
+        if args.precompute_ref_logps:  # one model in memory at a time, as in training
+            compute_ref_logps(accelerator, ref_model, evals, eval_batch, tokenizer.pad_token_id)
+            ref_model = None
         policy = load_frozen(args, accelerator, AutoModelForCausalLM, args.model_name_or_path)
         eval_loader = accelerator.prepare(
             torch.utils.data.DataLoader(
