@@ -17,7 +17,9 @@ Design (issue 13):
    the SFT policy's own samples (validation prompts, pairs of different gold) is 0.95/0.85/0.75; and
    `reward_model`, a reward model trained by reward_model.py on "human" pairs (Bradley-Terry labels at
    --bt_temperature). Its labeller accuracy is measured on the same SFT-sample pairs.
-3. The reward model: a learning curve over --rm_sizes pairs on the tuning seeds picks the size (the
+3. The reward model: 4 layers (--rm_num_layers) against the policy's 2, from an SFT model of its own
+   trained on the same demonstrations (the policy-sized one stays near 0.80 held-out accuracy). A
+   learning curve over --rm_sizes pairs on the tuning seeds picks the size (the
    smallest within 0.01 of the largest's held-out accuracy); every seed's reward model is then checked
    against the bar (held-out accuracy >= 0.85 and within 0.05 of the Bayes ceiling of its noisy
    labels; >= 0.85 on near-correct on-policy pairs; unfinished and over-long answers below the
@@ -124,7 +126,11 @@ class Args:
     sft_steps: int = 250
     sft_learning_rate: float = 2e-3
     # ---- reward model ----
-    rm_sizes: list[int] = field(default_factory=lambda: [2000, 5000, 10000, 20000])
+    rm_num_layers: int = 4
+    """layers of the reward model, which starts from an SFT model of its own (same data and steps as the
+    policy's): a 2-layer one stays near 0.80 held-out accuracy (2026-11-24, seed 0, 40k pairs: 0.797
+    against 0.873 for 4 layers, ceiling 0.889)"""
+    rm_sizes: list[int] = field(default_factory=lambda: [5000, 10000, 20000, 40000])
     """learning curve: reward models on this many pairs (tuning seeds); the size is picked from it"""
     rm_heldout: int = 1000
     bt_temperature: float = 0.1
@@ -273,8 +279,8 @@ def write_json(path: Path, value):
 # ---- models: tokenizer, sampling, log-probs, reward-model scores ----
 
 
-def make_base_model(d: Path, a: Args, seed: int) -> Path:
-    """A word-level tokenizer over the task's vocabulary and a tiny untrained Llama."""
+def make_base_model(d: Path, a: Args, seed: int, num_layers: int, name: str = "base") -> Path:
+    """A word-level tokenizer over the task's vocabulary and a tiny untrained Llama, in d/name."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
@@ -289,7 +295,7 @@ def make_base_model(d: Path, a: Args, seed: int) -> Path:
         vocab_size=len(words),
         hidden_size=a.hidden_size,
         intermediate_size=3 * a.hidden_size,
-        num_hidden_layers=a.num_layers,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=64,
@@ -300,9 +306,9 @@ def make_base_model(d: Path, a: Args, seed: int) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = 0
-    model.save_pretrained(d / "base")
-    tokenizer.save_pretrained(d / "base")
-    return d / "base"
+    model.save_pretrained(d / name)
+    tokenizer.save_pretrained(d / name)
+    return d / name
 
 
 def load_policy(path):
@@ -468,34 +474,40 @@ def prepare_seed(a: Args, seed: int) -> dict:
     val, test = [new_prompt() for _ in range(a.num_val)], [new_prompt() for _ in range(a.num_test)]
     write_jsonl(d / "val_prompts.jsonl", [{"prompt": q} for q in val])
     write_jsonl(d / "test_prompts.jsonl", [{"prompt": q} for q in test])
-    base = make_base_model(d, a, seed)
-    sft = run_stage(
-        d / "sft",
-        "sft",
-        [
-            "--model_name_or_path",
-            base,
-            "--init_from_scratch",
-            "--dataset_name",
-            d / "sft.jsonl",
-            "--max_steps",
-            a.sft_steps,
-            "--per_device_train_batch_size",
-            32,
-            "--learning_rate",
-            a.sft_learning_rate,
-            "--warmup_ratio",
-            0.05,
-            "--seed",
-            seed,
-            "--save_steps",
-            0,
-            "--logging_steps",
-            10,
-            "--num_samples",
-            0,
-        ],
-    )
+    # the SFT policy, and the reward model's own starting point: an SFT model of rm_num_layers layers,
+    # trained on the same demonstrations with the same steps
+    for name, base, layers in (
+        ("sft", "base", a.num_layers),
+        ("sft_rm", "base_rm", a.rm_num_layers),
+    ):
+        run_stage(
+            d / name,
+            "sft",
+            [
+                "--model_name_or_path",
+                make_base_model(d, a, seed, layers, base),
+                "--init_from_scratch",
+                "--dataset_name",
+                d / "sft.jsonl",
+                "--max_steps",
+                a.sft_steps,
+                "--per_device_train_batch_size",
+                32,
+                "--learning_rate",
+                a.sft_learning_rate,
+                "--warmup_ratio",
+                0.05,
+                "--seed",
+                seed,
+                "--save_steps",
+                0,
+                "--logging_steps",
+                10,
+                "--num_samples",
+                0,
+            ],
+        )
+    sft = d / "sft"
 
     # SFT samples on validation prompts: the pairs every labeller's accuracy is measured on
     import torch
@@ -560,7 +572,7 @@ def train_reward_model(a: Args, seed: int, n_pairs: int) -> dict:
     total = len(read_jsonl(d / "rm_pairs.jsonl"))
     argv = [
         "--model_name_or_path",
-        d / "sft",
+        d / "sft_rm",
         "--dataset_name",
         d / "rm_pairs.jsonl",
         "--train_split",
@@ -587,12 +599,12 @@ def train_reward_model(a: Args, seed: int, n_pairs: int) -> dict:
     want = {
         "script": "reward_model",
         "argv": [str(x) for x in argv],
-        "upstream": [json.loads((d / "sft" / "stage.json").read_text())],
+        "upstream": [json.loads((d / "sft_rm" / "stage.json").read_text())],
     }
     if stage_done(out, want) and result_path.exists():
         return json.loads(result_path.read_text())
     start = time.process_time()
-    run_stage(out, "reward_model", argv, upstream=(d / "sft",))
+    run_stage(out, "reward_model", argv, upstream=(d / "sft_rm",))
     held = read_jsonl(d / "rm_pairs.jsonl")[total - a.rm_heldout :]
     sc = rm_scores(
         out,
