@@ -210,6 +210,9 @@ def test_quick_runs_every_stage_into_a_temporary_directory():
             "runs/ablation/gold/ppo",
         ]:
             assert list((seed / stage).rglob("config.json")), stage
+        # the reward model starts from an SFT model of its own, larger than the policy
+        layers = lambda p: json.loads((seed / p / "config.json").read_text())["num_hidden_layers"]
+        assert (layers("sft"), layers("sft_rm"), layers("reward_model")) == (2, 4, 4)
         ppo_flags = json.loads(
             next((seed / "runs/main/noisy_0.85/ppo").rglob("stage.json")).read_text()
         )["argv"]

@@ -44,9 +44,10 @@ cell (labeller, method, seed) is never redone, and a stage whose recorded settin
 its flags and the settings of the stages it builds on) differ from the wanted ones is redone.
 
 Cost, measured in CPU seconds per cell (training + evaluation, one thread, the default sizes; medians
-of the 2026-11-24 run): DPO 4, DPO-Iter 3, PPO 9, SFT evaluation 0.6; data + SFT 15 per seed; the
-reward model about 1.2 ms per pair and epoch (75 CPU-s at 20,000 pairs). The full run took 3,977 CPU-s
-and 41 minutes with --jobs 2 (the tuning sweep, 270 cells under five labellers, is a third of it).
+of the 2026-11-24 run): DPO 4, DPO-Iter 3, PPO 8 (10 under the reward model, whose 4-layer critic
+and scoring cost more), SFT evaluation 0.6; data and both SFT models 30 per seed; the reward model
+about 2.1 ms per pair and epoch (250 CPU-s at 40,000 pairs). The full run took 6,921 CPU-s and 60
+minutes with --jobs 2 (the reward models, learning curve included, take about 3,950 CPU-s of it).
 The stages run in worker processes that import the scripts once (a subprocess per stage would add
 about 4 CPU-s each).
 
@@ -171,7 +172,7 @@ class Args:
 def quick_sizes(a: Args):
     a.seeds, a.tuning_seeds, a.accuracies = a.seeds[:1], a.tuning_seeds[:1], [0.85]
     a.max_digits, a.max_new_tokens, a.num_sft, a.sft_steps = 6, 8, 256, 20
-    a.rm_sizes, a.rm_heldout, a.rm_epochs = [64, 128], 32, 1.0
+    a.rm_sizes, a.rm_heldout, a.rm_epochs = [512, 1024], 32, 2.0
     a.rl_prompts, a.samples_per_prompt, a.rounds, a.dpo_epochs, a.ppo_batch = 16, 2, 2, 1.0, 16
     a.dpo_grid, a.ppo_grid, a.num_val, a.num_test = a.dpo_grid[:1], a.ppo_grid[:1], 16, 16
 
