@@ -1058,62 +1058,40 @@ class DataError(ValueError):
 
 def load_split(name: str, config: str | None, split: str) -> Dataset:
     """A hub dataset, or local .json/.jsonl/.parquet file(s); a directory's files are named by split."""
-    path = Path(name)
-    if (
-        path.suffix in (".json", ".jsonl", ".parquet")
-        or path.exists()
-        or name.startswith((".", "/", "~"))
-    ):
-        if not path.exists():
-            raise DataError(f"{name}: no such file")
-        files = (
-            sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl", ".parquet"))
-            if path.is_dir()
-            else [path]
-        )
-        if not files or all(f.stat().st_size == 0 for f in files):
-            raise DataError(f"{name}: no data (empty file or no .json/.jsonl/.parquet files)")
-        data_files = {f.stem: str(f) for f in files} if path.is_dir() else {"train": str(path)}
-        builder = "parquet" if files[0].suffix == ".parquet" else "json"
-        try:
+    path, suffixes = Path(name), (".json", ".jsonl", ".parquet")
+    local = path.suffix in suffixes or path.exists() or name.startswith((".", "/", "~"))
+    if local and not path.exists():
+        raise DataError(f"{name}: no such file")
+    files = sorted(p for p in path.iterdir() if p.suffix in suffixes) if path.is_dir() else [path]
+    if local and (not files or all(f.stat().st_size == 0 for f in files)):
+        raise DataError(f"{name}: no data (empty file or no .json/.jsonl/.parquet files)")
+    try:  # an unknown id or split, no network, a malformed file: one line, not a traceback
+        if local:
+            data_files = {f.stem: str(f) for f in files} if path.is_dir() else {"train": name}
+            builder = "parquet" if files[0].suffix == ".parquet" else "json"
             ds = load_dataset(builder, data_files=data_files, split=split)
-        except (
-            Exception
-        ) as e:  # unknown split, unreadable or malformed file (DatasetGenerationError)
-            cause = " ".join(str(e.__cause__ or e).split())[:200]
-            raise DataError(f"{name}: cannot load split '{split}' ({cause})") from None
-    else:
-        try:
+        else:
             ds = load_dataset(name, config, split=split)
-        except Exception as e:  # offline, unknown id, unknown split: one line, not a traceback
-            raise DataError(
-                f"dataset {name!r}: cannot load split '{split}' ({str(e).splitlines()[0][:200]})"
-            ) from None
+    except Exception as e:  # (a malformed file's DatasetGenerationError: the cause says what)
+        cause = " ".join(str((local and e.__cause__) or e).split())[:200]
+        raise DataError(f"dataset {name}: cannot load split '{split}' ({cause})") from None
     if len(ds) == 0:
         raise DataError(f"{name} split '{split}' is empty")
     return ds
 
 
 def check_text(value, column: str, row: int, messages_ok: bool = True):
-    """A text field must be a string (or, where chat data is allowed, a list of {role, content} messages)."""
-    if isinstance(value, str):
-        return
-    if (
-        messages_ok
-        and isinstance(value, list)
-        and value
-        and all(
-            isinstance(m, dict)
-            and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str)
-            for m in value
-        )
+    """A text field is a string or, where chat data is allowed, a list of {role, content} messages."""
+    is_message = lambda m: (
+        isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("role", "content"))
+    )
+    if isinstance(value, str) or (
+        messages_ok and isinstance(value, list) and value and all(map(is_message, value))
     ):
         return
     expected = "a string or a list of {role, content} messages" if messages_ok else "a string"
-    raise DataError(
-        f"row {row}, column '{column}': expected {expected}, found {type(value).__name__} {str(value)[:40]!r}"
-    )
+    found = f"{type(value).__name__} {str(value)[:40]!r}"
+    raise DataError(f"row {row}, column '{column}': expected {expected}, found {found}")
 
 
 def split_hh_transcript(chosen: str, rejected: str):
@@ -1431,25 +1409,21 @@ def generation_config(
 ) -> GenerationConfig:
     """Exactly the sampling the log-probabilities assume. Passed to generate() and set on the model, so
     nothing from the checkpoint's generation_config.json (repetition_penalty, no_repeat_ngram_size...)
-    leaks into sampling."""
+    leaks into sampling: every other option is set to its neutral value."""
+    neutral = dict(  # noqa: C408
+        min_new_tokens=0, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
+        forced_eos_token_id=None, use_cache=True,
+    )  # fmt: skip
+    # greedy: the defaults (a greedy config with top_k=0 warns, and save_pretrained refuses it)
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
-        min_new_tokens=0,
         do_sample=do_sample,
-        # greedy: the defaults (a greedy config with top_k=0 warns, and save_pretrained refuses it)
-        **({"temperature": temperature, "top_k": top_k, "top_p": top_p} if do_sample else {}),
-        min_p=None,
-        typical_p=1.0,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        bad_words_ids=None,
-        suppress_tokens=None,
-        begin_suppress_tokens=None,
-        forced_bos_token_id=None,
-        forced_eos_token_id=None,
+        **sampling,
+        **neutral,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
     )
 
 
@@ -1477,19 +1451,10 @@ class MetricsLog:
             self.file.flush()
 
 
-RESUME_MAY_CHANGE = {
-    "max_steps",
-    "num_train_epochs",
-    "num_iterations",
-    "total_episodes",
-    "logging_steps",
-    "eval_steps",
-    "save_steps",
-    "resume_from_checkpoint",
-    "overwrite_output_dir",
-    "report_to",
-    "output_dir",  # a run directory that was moved or copied still resumes
-}
+RESUME_MAY_CHANGE = {  # the step budget and logging; a moved or copied run directory still resumes
+    "max_steps", "num_train_epochs", "num_iterations", "total_episodes", "logging_steps", "eval_steps",
+    "save_steps", "resume_from_checkpoint", "overwrite_output_dir", "report_to", "output_dir",
+}  # fmt: skip
 
 
 def on_main(accelerator, fn, *fn_args):
