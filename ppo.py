@@ -1127,16 +1127,13 @@ def to_preference(ds: Dataset, filter: str = "none") -> Dataset:
         if missing:
             raise DataError(f"SafeRLHF-style data (response_0/response_1) lacks columns {missing}")
         for i, row in enumerate(ds.select_columns(SAFERLHF_COLUMNS)):
-            for c in ("prompt", "response_0", "response_1"):
-                check_text(row[c], c, i)
-            for c in ("better_response_id", "safer_response_id"):
-                if row[c] not in (0, 1) or isinstance(row[c], bool):
-                    raise DataError(f"row {i}, column '{c}': expected 0 or 1, found {row[c]!r}")
-            for c in ("is_response_0_safe", "is_response_1_safe"):
-                if not isinstance(row[c], bool):
-                    raise DataError(
-                        f"row {i}, column '{c}': expected true or false, found {row[c]!r}"
-                    )
+            for c, value in row.items():
+                if c in ("prompt", "response_0", "response_1"):
+                    check_text(value, c, i)
+                # the two ids are 0 or 1 (not a bool); the two safety labels are bools
+                elif c.startswith("is_") != isinstance(value, bool) or value not in (0, 1):
+                    expected = "true or false" if c.startswith("is_") else "0 or 1"
+                    raise DataError(f"row {i}, column '{c}': expected {expected}, found {value!r}")
 
         # Paper Sec. 4.3: prefer the safer response when safety differs, else the more helpful one.
         def saferlhf(row):
@@ -1527,16 +1524,12 @@ def find_checkpoint(output_dir, resume_from_checkpoint: str | None) -> Path | No
         if not (path / "step.json").exists():
             raise DataError(f"{path}: not a complete checkpoint (no step.json)")
         return path
-    done = [
-        p
-        for p in (Path(output_dir) / "checkpoints").glob("step_*")
-        if p.name.split("_")[1].isdigit() and (p / "step.json").exists()
-    ]
-    if not done:
-        raise DataError(
-            f"--resume_from_checkpoint latest: no checkpoint in {Path(output_dir) / 'checkpoints'}"
-        )
-    return max(done, key=lambda p: int(p.name.split("_")[1]))
+    folder = Path(output_dir) / "checkpoints"
+    steps = [int(p.name[5:]) for p in folder.glob("step_*") if p.name[5:].isdigit()]
+    steps = [s for s in steps if (folder / f"step_{s}" / "step.json").exists()]
+    if not steps:
+        raise DataError(f"--resume_from_checkpoint latest: no checkpoint in {folder}")
+    return folder / f"step_{max(steps)}"
 
 
 def load_checkpoint(accelerator, path: Path) -> dict:
@@ -1585,10 +1578,8 @@ def check_reward_model(path: str, trust_remote_code: bool):
             f"cannot load a reward model from {path!r}: {str(e).splitlines()[0][:200]}"
         ) from None
     architectures = config.architectures or []
-    if (
-        not any(a.endswith("ForSequenceClassification") for a in architectures)
-        or config.num_labels != 1
-    ):
+    classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
+    if not classifier or config.num_labels != 1:
         raise DataError(
             f"{path} is not a reward model (architectures {architectures}, num_labels "
             f"{config.num_labels}); train one with reward_model.py"
