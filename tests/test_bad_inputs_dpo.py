@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_one_line_error, main_error, write_jsonl
+from conftest import assert_one_line_error, main_error, tyro_help, write_jsonl
 
 import dpo
 
@@ -286,12 +286,12 @@ def test_non_finite_loss_stops_before_the_step(tiny_model, files, monkeypatch, t
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-def test_command_line_no_arguments_and_help(run_script):
+def test_command_line_no_arguments_and_help(run_script, capsys):
     # offline, the hub defaults cannot load: one line, not a traceback
     assert_one_line_error(
         run_script("dpo.py", check=False), "cannot load a tokenizer", "pythia-160m"
     )
-    help_text = " ".join(run_script("dpo.py", "--help").stdout.split())
+    help_text = tyro_help(dpo.Args, capsys)
     assert "DPO / IPO / conservative DPO on preference pairs, or DPO-Iter" in help_text
     assert "python dpo.py --model_name_or_path path/to/sft --dataset_name pairs.jsonl" in help_text
     for beyond in (

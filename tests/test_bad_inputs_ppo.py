@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from conftest import main_error, write_jsonl
+from conftest import main_error, tyro_help, write_jsonl
 
 import ppo
 
@@ -227,13 +227,13 @@ def test_non_finite_loss_stops_before_the_optimizer_step(files, tmp_path, monkey
     assert not (out / "model.safetensors").exists()
 
 
-def test_command_line_without_arguments_and_help(run_script):
+def test_command_line_without_arguments_and_help(run_script, capsys):
     """No arguments, offline: one error line, no hub access; --help says what the script does, with an
     offline example."""
     from conftest import assert_one_line_error
 
     assert_one_line_error(run_script("ppo.py", check=False), "exactly one of")
-    help_text = run_script("ppo.py", "--help").stdout
+    help_text = tyro_help(ppo.Args, capsys)
     assert (
         "PPO (RLHF): train an SFT policy" in help_text
         and "Offline example: python ppo.py" in help_text

@@ -10,7 +10,7 @@ import pickle
 import shutil
 
 import pytest
-from conftest import assert_one_line_error, main_error, write_jsonl
+from conftest import assert_one_line_error, main_error, tyro_help, write_jsonl
 
 import reward_model as rm
 
@@ -202,10 +202,10 @@ def test_leftover_tmp_checkpoint_is_skipped(finished_run, tmp_path):
     assert rm.find_checkpoint(out, "latest") == out / "checkpoints" / "step_1"
 
 
-def test_command_line_no_arguments_and_help(run_script):
+def test_command_line_no_arguments_and_help(run_script, capsys):
     # offline, the hub defaults cannot load: one line, not a traceback
     assert_one_line_error(run_script("reward_model.py", check=False), "Anthropic/hh-rlhf")
-    help_text = " ".join(run_script("reward_model.py", "--help").stdout.split())
+    help_text = tyro_help(rm.Args, capsys)
     assert "Reward modeling: train a Bradley-Terry reward model" in help_text
     assert (
         "python reward_model.py --model_name_or_path outputs/sft --dataset_name pairs.jsonl"

@@ -7,7 +7,7 @@ import math
 import shutil
 
 import pytest
-from conftest import assert_one_line_error, main_error, write_jsonl
+from conftest import assert_one_line_error, main_error, tyro_help, write_jsonl
 
 import sft
 
@@ -226,12 +226,12 @@ def test_bad_input_is_one_error_line(
         assert not (tmp_path / "out").exists()
 
 
-def test_command_line_no_arguments_and_help(run_script, tmp_path):
+def test_command_line_no_arguments_and_help(run_script, capsys, tmp_path):
     # offline, the hub defaults cannot load: one line, not an 85-line traceback
     assert_one_line_error(
         run_script("sft.py", check=False), "cannot load a tokenizer", "pythia-160m"
     )
-    help_text = " ".join(run_script("sft.py", "--help").stdout.split())
+    help_text = tyro_help(sft.Args, capsys)
     assert "Supervised fine-tuning (SFT): train a causal LM on demonstrations" in help_text
     assert "python sft.py --model_name_or_path path/to/model --dataset_name data.jsonl" in help_text
 
