@@ -19,8 +19,8 @@ Design (issue 13):
    --bt_temperature). Its labeller accuracy is measured on the same SFT-sample pairs.
 3. The reward model: 4 layers (--rm_num_layers) against the policy's 2, from an SFT model of its own
    trained on the same demonstrations (the policy-sized one stays near 0.80 held-out accuracy). A
-   learning curve over --rm_sizes pairs on the tuning seeds picks the size (the
-   smallest within 0.01 of the largest's held-out accuracy); every seed's reward model is then checked
+   learning curve over --rm_sizes pairs on the tuning seeds picks the size (the smallest within 0.01
+   of the largest's held-out accuracy); every seed's reward model is then checked
    against the bar (held-out accuracy >= 0.85 and within 0.05 of the Bayes ceiling of its noisy
    labels; >= 0.85 on near-correct on-policy pairs; unfinished and over-long answers below the
    correct answer >= 95%). The report says which parts of the bar it meets.
