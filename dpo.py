@@ -283,6 +283,7 @@ def sample_responses(accelerator, model, tokenizer, prompt_ids: list, args) -> l
     config = generation_config(
         tokenizer, args.max_new_tokens, True, args.temperature, args.top_k, args.top_p
     )
+    config.num_return_sequences = args.samples_per_prompt
     original, unwrapped.generation_config = unwrapped.generation_config, config
     plugin = accelerator.state.deepspeed_plugin
     gathered = contextlib.nullcontext()
@@ -298,11 +299,7 @@ def sample_responses(accelerator, model, tokenizer, prompt_ids: list, args) -> l
             ids = pad(chunk, tokenizer.pad_token_id, "left").to(accelerator.device)
             mask = pad([[1] * len(p) for p in chunk], 0, "left").to(accelerator.device)
             generated = unwrapped.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                generation_config=config,
-                synced_gpus=False,
-                num_return_sequences=args.samples_per_prompt,
+                input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=False
             )
             responses = generated[:, ids.shape[1] :].tolist()
             out += [first_eos_cut(r, tokenizer.eos_token_id) for r in responses]
@@ -450,13 +447,7 @@ def build_iteration_pairs(accelerator, args, policy, tokenizer, prompts: list, s
 # ---- data: preference pairs and prompts ----
 
 
-def make_pair(
-    prompt_ids: list,
-    chosen_ids: list,
-    rejected_ids: list,
-    max_length: int,
-    max_prompt_length: int | None,
-):
+def make_pair(prompt_ids, chosen_ids, rejected_ids, max_length: int, max_prompt_length: int | None):
     """-> ({chosen_input_ids, chosen_mask, rejected_input_ids, rejected_mask}, truncated), or None
     when the prompt leaves no room for a response. Both responses share one (truncated) prompt."""
     c = truncate(prompt_ids, chosen_ids, max_length, max_prompt_length)
@@ -529,18 +520,16 @@ def collate_pairs(pairs: list, pad_id: int) -> dict:
     return batch
 
 
+def pair_loader(pairs: list, batch_size: int, pad_id: int, shuffle: bool = False):
+    collate = lambda batch: collate_pairs(batch, pad_id)
+    return torch.utils.data.DataLoader(pairs, batch_size, shuffle=shuffle, collate_fn=collate)
+
+
 # ---- training and evaluation ----
 
 
-STAT_NAMES = [
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-]
+STAT_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+              "rewards/accuracies", "logps/chosen", "logps/rejected"]  # fmt: skip
 
 
 def stat_metrics(total: torch.Tensor, prefix: str) -> dict:
@@ -584,31 +573,15 @@ def evaluate(accelerator, model, ref_model, loader, args) -> dict:
     return stat_metrics(torch.cat([rows.sum(0), count]), "eval")
 
 
-def train_dpo(
-    args,
-    accelerator,
-    log,
-    tokenizer,
-    policy,
-    ref_model,
-    train: list,
-    evals: list,
-    step: int = 0,
-    resume_from: Path | None = None,
-    checkpoints: bool = True,
-    save_to: tuple = (),
-):
+def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list, evals: list,
+              step=0, resume_from=None, checkpoints=True, save_to=()):  # fmt: skip
     """One DPO run over fixed pairs; global step numbers continue from `step`. -> the final step"""
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
     )
-    collate = lambda pairs: collate_pairs(pairs, tokenizer.pad_token_id)
-    train_loader = torch.utils.data.DataLoader(
-        train, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collate
-    )
-    eval_loader = torch.utils.data.DataLoader(
-        evals, batch_size=args.per_device_eval_batch_size, collate_fn=collate
-    )
+    pad_id = tokenizer.pad_token_id
+    train_loader = pair_loader(train, args.per_device_train_batch_size, pad_id, shuffle=True)
+    eval_loader = pair_loader(evals, args.per_device_eval_batch_size, pad_id)
     # one optimizer step = per_device batch x processes x ga; accelerate shards the loader
     ga = args.gradient_accumulation_steps
     if math.ceil(len(train_loader) / accelerator.num_processes) < ga:
@@ -638,12 +611,8 @@ def train_dpo(
         args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     )
     # not prepared: accelerate would step it once per process
-    scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer,
-        num_warmup_steps=math.ceil(args.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
+    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, warmup_steps, total_steps)
     start, done = step, 0
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from)
@@ -728,17 +697,9 @@ def train_dpo(
 def check_args(args: Args) -> bool:
     """Argument mistakes, one line each, before anything loads. -> whether this is DPO-Iter."""
     online = args.reward_model_name_or_path is not None or args.reward_fn is not None
-    positive = [
-        "per_device_train_batch_size",
-        "per_device_eval_batch_size",
-        "gradient_accumulation_steps",
-        "logging_steps",
-        "eval_steps",
-        "max_length",
-        "max_new_tokens",
-        "generation_batch_size",
-        "iterations",
-    ]
+    positive = ("per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "logging_steps", "eval_steps", "max_length",
+                "max_new_tokens", "generation_batch_size", "iterations")  # fmt: skip
     for name in positive:
         if getattr(args, name) < 1:
             raise DataError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -799,8 +760,7 @@ def check_args(args: Args) -> bool:
 
 
 def load_policy(args, path: str):
-    """The trained policy: float32 weights (mixed precision comes from --bf16 autocast or
-    DeepSpeed)."""
+    """The trained policy: float32 weights (mixed precision from --bf16 autocast or DeepSpeed)."""
     model = load_pretrained(AutoModelForCausalLM, path, torch.float32, args.trust_remote_code)
     model = disable_dropout(model)
     if args.gradient_checkpointing:
@@ -888,13 +848,7 @@ def main(args: Args):
             compute_ref_logps(accelerator, ref_model, evals, eval_batch, tokenizer.pad_token_id)
             ref_model = None
         policy = load_frozen(args, accelerator, AutoModelForCausalLM, args.model_name_or_path)
-        eval_loader = accelerator.prepare(
-            torch.utils.data.DataLoader(
-                evals,
-                batch_size=args.per_device_eval_batch_size,
-                collate_fn=lambda pairs: collate_pairs(pairs, tokenizer.pad_token_id),
-            )
-        )
+        eval_loader = accelerator.prepare(pair_loader(evals, eval_batch, tokenizer.pad_token_id))
         metrics = evaluate(accelerator, policy, ref_model, eval_loader, args)
         log.log(metrics, 0)
         accelerator.print(json.dumps(metrics))
@@ -903,12 +857,10 @@ def main(args: Args):
 
     # ---- the labeller of DPO-Iter's samples: a reward model or a reward function ----
     reward_model = rm_tokenizer = None
-    if args.reward_model_name_or_path:
-        reward_model = load_frozen(
-            args, accelerator, AutoModelForSequenceClassification, args.reward_model_name_or_path
-        )
+    if rm_path := args.reward_model_name_or_path:
+        reward_model = load_frozen(args, accelerator, AutoModelForSequenceClassification, rm_path)
         rm_tokenizer = AutoTokenizer.from_pretrained(
-            args.reward_model_name_or_path, trust_remote_code=args.trust_remote_code
+            rm_path, trust_remote_code=args.trust_remote_code
         )
         if rm_tokenizer.pad_token_id is None:
             rm_tokenizer.pad_token = rm_tokenizer.eos_token
@@ -948,16 +900,10 @@ def main(args: Args):
                 eval_pairs, _ = build_iteration_pairs(
                     accelerator, args, policy, tokenizer, evals, score, f"{tag} eval"
                 )
+            names = ("pairs", "ties_skipped", "unfinished", "unfinished_chosen")
+            metrics = {f"iteration/{name}": stats[name] for name in names}
             log.log(
-                {
-                    "iteration": iteration,
-                    "iteration/pairs": stats["pairs"],
-                    "iteration/ties_skipped": stats["ties_skipped"],
-                    "iteration/unfinished": stats["unfinished"],
-                    "iteration/unfinished_chosen": stats["unfinished_chosen"],
-                    "objective/scores": stats["scores_mean"],
-                },
-                step,
+                {"iteration": iteration, **metrics, "objective/scores": stats["scores_mean"]}, step
             )
         # ---- update: DPO on this iteration's pairs ----
         t0 = time.time()
@@ -973,21 +919,10 @@ def main(args: Args):
             )
         policy = policy or load_policy(args, policy_path)
         set_seed(args.seed)  # the same data order on every process
-        last = iteration == args.iterations
-        step = train_dpo(
-            args,
-            accelerator,
-            log,
-            tokenizer,
-            policy,
-            ref_model,
-            train_pairs,
-            eval_pairs,
-            step,
-            resume_from=resume_from,
-            checkpoints=not online,  # DPO-Iter resumes after its last complete iteration
-            save_to=(iter_dir,) * online + (args.output_dir,) * last,
-        )
+        # DPO-Iter keeps no step checkpoints: it resumes after its last complete iteration
+        save_to = (iter_dir,) * online + (args.output_dir,) * (iteration == args.iterations)
+        step = train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train_pairs,
+                         eval_pairs, step, resume_from, not online, save_to)  # fmt: skip
         # ---- save: train_dpo saved the policy; then pairs.jsonl and iteration.json (done) ----
         if online and accelerator.is_main_process:
             with open(iter_dir / "pairs.jsonl", "w") as f:
