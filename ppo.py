@@ -367,15 +367,10 @@ def derive_batch_sizes(args, num_processes: int) -> dict:
     """CleanRL-style derived sizes. One iteration samples `rollout_batch_size` responses, then each PPO
     epoch takes num_minibatches optimizer steps, each over `minibatch_size` responses made of
     gradient_accumulation_steps micro-batches of per_device_train_batch_size per device."""
-    sizes_ok = min(
-        args.per_device_prompt_batch_size,
-        args.samples_per_prompt,
-        args.num_minibatches,
-        args.per_device_train_batch_size,
-        args.ppo_epochs,
-        args.local_rollout_forward_batch_size,
-    )
-    if sizes_ok < 1:
+    sizes = (args.per_device_prompt_batch_size, args.samples_per_prompt, args.num_minibatches,
+             args.per_device_train_batch_size, args.ppo_epochs,
+             args.local_rollout_forward_batch_size)  # fmt: skip
+    if min(sizes) < 1:
         raise DataError(
             "batch sizes, samples_per_prompt, num_minibatches and ppo_epochs must be >= 1"
         )
@@ -666,13 +661,9 @@ def check_args(args: Args):
         raise DataError("give exactly one of --reward_model_name_or_path and --reward_fn")
     if args.temperature <= 0:
         raise DataError("temperature must be > 0 (PPO needs sampled rollouts)")
-    for name in (
-        "logging_steps",
-        "eval_steps",
-        "max_prompt_length",
-        "max_new_tokens",
-        "per_device_eval_batch_size",
-    ):
+    positive = ("logging_steps", "eval_steps", "max_prompt_length", "max_new_tokens",
+                "per_device_eval_batch_size")  # fmt: skip
+    for name in positive:
         if getattr(args, name) < 1:
             raise DataError(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("learning_rate", "critic_learning_rate"):
@@ -738,10 +729,8 @@ def load_models(args, tokenizer, reward_tokenizer):
     with full_fp32_under_zero3(args.ref_ema > 0):  # ZeRO-3 bf16 would build it in bf16
         ref_model = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, ref_dtype, trust)
     reward_model = None
-    if args.reward_model_name_or_path:
-        reward_model = load_pretrained(
-            seq_cls, args.reward_model_name_or_path, frozen_dtype, trust, num_labels=1
-        )
+    if rm_path := args.reward_model_name_or_path:
+        reward_model = load_pretrained(seq_cls, rm_path, frozen_dtype, trust, num_labels=1)
         # score_tokens runs HF's own forward, which needs a pad id to batch (its pooling is not used)
         reward_model.config.pad_token_id = (reward_tokenizer or tokenizer).pad_token_id
     # Tulu 2.5 App. F: the critic starts from the reward model; with a reward function, or a reward
@@ -847,12 +836,8 @@ def main(args: Args):
     # the sharded loader's own count (the two agree)
     iters_per_epoch = min(iters_per_epoch, len(loader))
     total_optimizer_steps = num_iterations * sizes["optimizer_steps_per_iteration"]
-    scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer,
-        num_warmup_steps=math.ceil(args.warmup_ratio * total_optimizer_steps),
-        num_training_steps=total_optimizer_steps,
-    )
+    warmup_steps = math.ceil(args.warmup_ratio * total_optimizer_steps)
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, warmup_steps, total_optimizer_steps)
     value_stats = RunningMeanStd()
     scorer = Scorer(args, tokenizer, accelerator.device, reward_model, reward_tokenizer, reward_fn)
     unwrapped = accelerator.unwrap_model(model)
@@ -891,9 +876,8 @@ def main(args: Args):
         responses = generate(
             accelerator, unwrapped.policy, prompts, prompt_mask, sampling_config, chunk, pad_id
         )
-        responses, response_mask, has_eos = truncate_after_eos(
-            responses, tokenizer.eos_token_id, pad_id
-        )
+        eos_id = tokenizer.eos_token_id
+        responses, response_mask, has_eos = truncate_after_eos(responses, eos_id, pad_id)
         sequences = (prompts, prompt_mask, responses, response_mask)
         # `values` are the critic's raw outputs, in its own (normalized) units
         logp, ref_logp, values = rollout_forward(
@@ -971,13 +955,9 @@ def main(args: Args):
                         if m0 + n_micro >= n_mb:
                             check_finite(reduce_sum(loss_sum), "loss", step + 1)
                         accelerator.backward(loss * accelerator.num_processes * ga)
-                        if accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(
-                                unwrapped.policy.parameters(), args.max_grad_norm
-                            )
-                            accelerator.clip_grad_norm_(
-                                unwrapped.critic.parameters(), args.max_grad_norm
-                            )
+                        if accelerator.sync_gradients:  # actor and critic, each its own norm
+                            for part in (unwrapped.policy, unwrapped.critic):
+                                accelerator.clip_grad_norm_(part.parameters(), args.max_grad_norm)
                             optimizer.step()
                             scheduler.step()
                             optimizer.zero_grad()
