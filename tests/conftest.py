@@ -350,7 +350,7 @@ def data_files(tiny_dir):
     return files
 
 
-# ---- running the scripts as subprocesses (CleanRL style) ----
+# ---- running the scripts (CleanRL style): new processes, forked warm (tests/warm_launch.py) ----
 
 
 def _env():
@@ -366,63 +366,68 @@ def _env():
     return env
 
 
+def _free_port() -> int:
+    with socket.socket() as s:  # a free port, so parallel test workers never share a rendezvous
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd, env, timeout, check, warm=None):
+    """subprocess.run(cmd), or the same command forked warm: warm=(script, args, launcher_args)."""
+    if warm is None:
+        proc = subprocess.run(
+            cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    else:
+        import warm_launch
+
+        script, args, launcher, num_processes, port, shim = warm
+        if launcher is not None:
+            env = warm_launch.launch_env(launcher, script, env)
+        proc = warm_launch.run(script, args, env, REPO, num_processes, port, timeout, shim)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
 @pytest.fixture(scope="session")
 def run_script():
-    """run_script("sft.py", "--max_steps", "2", ..., check=True) -> CompletedProcess (stdout+stderr captured)."""
+    """run_script("sft.py", "--max_steps", "2", ..., check=True) -> CompletedProcess (stdout+stderr
+    captured): `python sft.py ...` in a new process (forked warm; real_launcher=True: a subprocess)."""
 
-    def run(script, *args, check=True, timeout=600):
-        cmd = [sys.executable, str(REPO / script), *map(str, args)]
-        proc = subprocess.run(
-            cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-            )
-        return proc
+    def run(script, *args, check=True, timeout=600, real_launcher=False):
+        args = list(map(str, args))
+        cmd = [sys.executable, str(REPO / script), *args]
+        warm = None if real_launcher else (str(REPO / script), args, None, 1, None, None)
+        return _run(cmd, _env(), timeout, check, warm)
 
     return run
 
 
 @pytest.fixture(scope="session")
 def run_accelerate():
-    """Two processes over gloo on CPU (DESIGN section 7): plain --cpu --num_processes 2 silently runs one."""
+    """Two processes over gloo on CPU (DESIGN section 7): plain --cpu --num_processes 2 silently runs
+    one. Forked warm with the environment `accelerate launch` prepares; real_launcher=True runs the
+    `accelerate launch` command itself."""
 
-    def run(script, *args, num_processes=2, check=True, timeout=600):
-        with socket.socket() as s:  # a free port, so parallel test workers never share a rendezvous
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(num_processes),
-            "--num_machines",
-            "1",
-            "--main_process_port",
-            str(port),
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(REPO / script),
-            *map(str, args),
-        ]
-        proc = subprocess.run(
-            cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-            )
-        return proc
+    def run(script, *args, num_processes=2, check=True, timeout=600, real_launcher=False):
+        port = _free_port()
+        launcher = ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1"]
+        launcher += ["--main_process_port", str(port), "--mixed_precision", "no"]
+        launcher += ["--dynamo_backend", "no"]
+        args = list(map(str, args))
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, str(REPO / script)]
+        cmd += args
+        warm = (str(REPO / script), args, launcher, num_processes, port, None)
+        return _run(cmd, _env(), timeout, check, None if real_launcher else warm)
 
     return run
 
 
 TEARDOWN_ABORT = "terminate called without an active exception"
+SHIM = REPO / "tests" / "deepspeed_shim" / "sitecustomize.py"
 
 
 @pytest.fixture(scope="session")
@@ -430,7 +435,8 @@ def run_deepspeed():
     """DeepSpeed ZeRO-2/3 on 2 CPU processes (DESIGN section 7) through the shipped config files:
     run_deepspeed("sft.py", *args, stage=3, bf16=False), or config_file=another YAML. DeepSpeed's CPU
     accelerator speaks gloo; the test-only sitecustomize in tests/deepspeed_shim makes accelerate
-    accept that backend."""
+    accept that backend. Forked warm with the environment `accelerate launch --config_file ...`
+    prepares; real_launcher=True runs the command itself."""
 
     def run(
         script,
@@ -441,33 +447,23 @@ def run_deepspeed():
         check=True,
         timeout=600,
         config_file=None,
+        real_launcher=False,
     ):
         env = _env()
         env.pop("ACCELERATE_USE_CPU")  # it would switch DeepSpeed off
-        env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO / "tests" / "deepspeed_shim"))
+        env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(SHIM.parent))
+        args = list(map(str, args))
         for attempt in range(2):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            cmd = [
-                sys.executable,
-                "-m",
-                "accelerate.commands.launch",
-                "--config_file",
-                str(config_file or REPO / "accelerate_configs" / f"deepspeed_zero{stage}.yaml"),
-                "--num_processes",
-                str(num_processes),
-                "--main_process_port",
-                str(port),
-                "--mixed_precision",
-                "bf16" if bf16 else "no",
-                str(REPO / script),
-                *map(str, args),
-                *(["--overwrite_output_dir"] if attempt else []),  # the first try wrote its run
-            ]
-            proc = subprocess.run(
-                cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-            )
+            port = _free_port()
+            config = config_file or REPO / "accelerate_configs" / f"deepspeed_zero{stage}.yaml"
+            launcher = ["--config_file", str(config), "--num_processes", str(num_processes)]
+            launcher += ["--main_process_port", str(port)]
+            launcher += ["--mixed_precision", "bf16" if bf16 else "no"]
+            again = ["--overwrite_output_dir"] if attempt else []  # the first try wrote its run
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher]
+            cmd += [str(REPO / script), *args, *again]
+            warm = (str(REPO / script), args + again, launcher, num_processes, port, str(SHIM))
+            proc = _run(cmd, env, timeout, False, None if real_launcher else warm)
             # Known, not root-caused: now and then a DeepSpeed-on-CPU worker aborts while the
             # interpreter exits, after the script has finished (about 1 launch in 30 here; the review
             # saw it at f8cb464 too). Launch once more; a second abort fails the test.
@@ -540,3 +536,8 @@ def load_weights(path) -> dict:
 def weights():
     """weights(model_dir) -> {name: tensor} from the saved safetensors files."""
     return load_weights
+
+
+def pytest_sessionfinish(session):
+    if "warm_launch" in sys.modules:
+        sys.modules["warm_launch"].stop()
