@@ -30,6 +30,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Literal
@@ -203,9 +204,7 @@ def dpo_loss(
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-def sequence_logps(
-    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
-) -> torch.Tensor:
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor):
     """log pi(y|x) = the sum of the completion tokens' log-probabilities (prompt and padding count
     nothing). logits[:, t] predicts input_ids[:, t + 1], hence the shift. -> [B]"""
     logps = token_logprobs(logits[:, :-1], input_ids[:, 1:])
@@ -308,9 +307,7 @@ def sample_responses(accelerator, model, tokenizer, prompt_ids: list, args) -> l
     return out
 
 
-def reward_model_inputs(
-    tokenizer, rm_tokenizer, prompt, prompt_ids: list, response_ids: list, finished: bool
-) -> list:
+def reward_model_inputs(tokenizer, rm_tokenizer, prompt, prompt_ids, response_ids, finished: bool):
     """The reward model's token ids for prompt + response. The same vocabulary: the ids as sampled.
     Otherwise the decoded response is re-tokenized with the reward model's tokenizer (and its chat
     template): a finished one ends in exactly one EOS (encode_completion); an unfinished one gets
@@ -340,15 +337,11 @@ def score_samples(
     last real token), then the missing-EOS penalty (Tulu 2.5 App. F, as in ppo.py)."""
     finished = [f for _, f in samples]
     if reward_fn is not None:
-        scores = call_reward_fn(
-            reward_fn,
-            [prompt_text(tokenizer, p["prompt"]) for p in prompts],
-            [
-                decode_response(tokenizer, p["prompt_ids"], ids)
-                for p, (ids, _) in zip(prompts, samples)
-            ],
-            finished,
-        )
+        texts = [prompt_text(tokenizer, p["prompt"]) for p in prompts]
+        completions = [
+            decode_response(tokenizer, p["prompt_ids"], r) for p, (r, _) in zip(prompts, samples)
+        ]
+        scores = call_reward_fn(reward_fn, texts, completions, finished)
     else:
         sequences = [
             reward_model_inputs(tokenizer, rm_tokenizer, p["prompt"], p["prompt_ids"], ids, f)
@@ -362,10 +355,8 @@ def score_samples(
             with accelerator.autocast():
                 per_token = score_tokens(reward_model, ids, mask)
             scores += per_token[torch.arange(len(chunk)), last_token_index(mask)].float().tolist()
-    penalized = apply_missing_eos_penalty(
-        torch.tensor(scores), torch.tensor(finished), args.missing_eos_penalty
-    )
-    return penalized.tolist()
+    penalty = args.missing_eos_penalty
+    return apply_missing_eos_penalty(torch.tensor(scores), torch.tensor(finished), penalty).tolist()
 
 
 def build_iteration_pairs(accelerator, args, policy, tokenizer, prompts: list, score, name: str):
@@ -375,9 +366,8 @@ def build_iteration_pairs(accelerator, args, policy, tokenizer, prompts: list, s
     k = args.samples_per_prompt
     error = None
     with accelerator.split_between_processes(list(range(len(prompts))), apply_padding=True) as mine:
-        samples = sample_responses(
-            accelerator, policy, tokenizer, [prompts[i]["prompt_ids"] for i in mine], args
-        )
+        mine_ids = [prompts[i]["prompt_ids"] for i in mine]
+        samples = sample_responses(accelerator, policy, tokenizer, mine_ids, args)
         owners = [i for i in mine for _ in range(k)]
         # A labelling error stops every process, not only the one whose samples failed.
         try:
@@ -464,22 +454,15 @@ def make_pair(prompt_ids, chosen_ids, rejected_ids, max_length: int, max_prompt_
     return pair, c_trunc or r_trunc
 
 
-def tokenize_preference(
-    ds: Dataset, tokenizer, max_length: int, max_prompt_length: int | None, name: str
-) -> list:
+def tokenize_preference(ds, tokenizer, max_length: int, max_prompt_length: int | None, name: str):
     """prompt/chosen/rejected rows -> list of pairs. Pairs whose chosen and rejected are the same
     tokens (as given, or once truncated) carry no signal (zero gradient, scored as wrong): dropped
     and counted, as reward_model.py does."""
     pairs, n_truncated, n_dropped, n_identical = [], 0, 0, 0
     for row in ds:
         prompt_ids = encode_prompt(tokenizer, row["prompt"])
-        out = make_pair(
-            prompt_ids,
-            encode_completion(tokenizer, row["prompt"], row["chosen"]),
-            encode_completion(tokenizer, row["prompt"], row["rejected"]),
-            max_length,
-            max_prompt_length,
-        )
+        c, r = (encode_completion(tokenizer, row["prompt"], row[k]) for k in ("chosen", "rejected"))
+        out = make_pair(prompt_ids, c, r, max_length, max_prompt_length)
         if out is None:
             n_dropped += 1
         elif out[0]["chosen_input_ids"] == out[0]["rejected_input_ids"]:
@@ -607,9 +590,8 @@ def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list,
 
     # an incomplete trailing accumulation group is skipped
     steps_per_epoch = len(train_loader) // ga
-    total_steps = (
-        args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    )
+    epochs_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
+    total_steps = args.max_steps if args.max_steps > 0 else epochs_steps
     # not prepared: accelerate would step it once per process
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
     scheduler = get_scheduler(args.lr_scheduler, optimizer, warmup_steps, total_steps)
@@ -868,10 +850,9 @@ def main(args: Args):
         rm_config = getattr(reward_model, "module", reward_model).config
         rm_config.pad_token_id = rm_tokenizer.pad_token_id
 
-    def score(prompts, samples):
-        return score_samples(
-            accelerator, args, tokenizer, reward_fn, reward_model, rm_tokenizer, prompts, samples
-        )
+    score = partial(
+        score_samples, accelerator, args, tokenizer, reward_fn, reward_model, rm_tokenizer
+    )
 
     if policy_path is not None:
         accelerator.print(f"resumed after iteration {first - 1} (step {step}) from {policy_path}")
@@ -892,19 +873,12 @@ def main(args: Args):
                 policy.to(accelerator.device)
             # each process its own noise
             torch.manual_seed(args.seed + iteration + 100003 * accelerator.process_index)
-            train_pairs, stats = build_iteration_pairs(
-                accelerator, args, policy, tokenizer, train, score, f"{tag} train"
-            )
-            eval_pairs = []
-            if evals:
-                eval_pairs, _ = build_iteration_pairs(
-                    accelerator, args, policy, tokenizer, evals, score, f"{tag} eval"
-                )
+            build = partial(build_iteration_pairs, accelerator, args, policy, tokenizer)
+            train_pairs, stats = build(train, score, f"{tag} train")
+            eval_pairs = build(evals, score, f"{tag} eval")[0] if evals else []
             names = ("pairs", "ties_skipped", "unfinished", "unfinished_chosen")
-            metrics = {f"iteration/{name}": stats[name] for name in names}
-            log.log(
-                {"iteration": iteration, **metrics, "objective/scores": stats["scores_mean"]}, step
-            )
+            metrics = {"iteration": iteration, **{f"iteration/{n}": stats[n] for n in names}}
+            log.log({**metrics, "objective/scores": stats["scores_mean"]}, step)
         # ---- update: DPO on this iteration's pairs ----
         t0 = time.time()
         ref_model = load_frozen(args, accelerator, AutoModelForCausalLM, ref_at)

@@ -406,9 +406,7 @@ def same_vocab(tokenizer_a, tokenizer_b) -> bool:
     return tokenizer_a.get_vocab() == tokenizer_b.get_vocab()
 
 
-def retokenize(
-    prompt_texts: list, completion_texts: list, has_eos: torch.Tensor, tokenizer
-) -> dict:
+def retokenize(prompt_texts: list, completion_texts: list, has_eos: torch.Tensor, tokenizer):
     """Text -> another model's tokens (a reward model with a different tokenizer): the prompt as
     encode_prompt does for strings, then the completion, with EOS only where the policy emitted one.
     Right-padded; the reward is read at the last real token."""
@@ -884,10 +882,9 @@ def main(args: Args):
             accelerator, unwrapped, ref_model, *sequences, chunk, args.temperature
         )
         with accelerator.autocast():
-            scores = scorer(*sequences, has_eos)
-        raw_scores = scores
+            raw_scores = scorer(*sequences, has_eos)
         # Tulu 2.5 App. F: the EOS trick
-        scores = apply_missing_eos_penalty(scores, has_eos, args.missing_eos_penalty)
+        scores = apply_missing_eos_penalty(raw_scores, has_eos, args.missing_eos_penalty)
         # Tulu 2.5 Eq. 4: clipped score on the last token, KL penalty on every token
         rewards, kl, non_score_reward = compute_rewards(
             scores, logp, ref_logp, response_mask, args.kl_coef, args.reward_clip
