@@ -176,6 +176,14 @@ def tokenizer_dir(tiny_dir):
     return str(path)
 
 
+@pytest.fixture
+def tok(tokenizer_dir):
+    """The pad-token tokenizer, loaded fresh for each test (a test may change it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_nopad_dir(tiny_dir):
     """The same tokenizer with no pad token (like Pythia's and Llama's)."""

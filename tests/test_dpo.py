@@ -12,11 +12,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import dpo
 
 
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir):
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
-
-
 def t(*values):
     return torch.tensor(values, dtype=torch.float64)
 
