@@ -128,7 +128,14 @@ def run(
             if time.time() > deadline:
                 for p in procs:
                     p.kill()
-                raise subprocess.TimeoutExpired([script, *argv], timeout)
+                    p.join()
+                out = "".join(
+                    Path(o).read_text(errors="replace") for o, _ in files if Path(o).exists()
+                )
+                err = "".join(
+                    Path(e).read_text(errors="replace") for _, e in files if Path(e).exists()
+                )
+                raise subprocess.TimeoutExpired([script, *argv], timeout, out, err)
             if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
                 failed_at = time.time()
             if failed_at is not None and time.time() > failed_at + 5:
