@@ -129,13 +129,7 @@ def run(
                 for p in procs:
                     p.kill()
                     p.join()
-                out = "".join(
-                    Path(o).read_text(errors="replace") for o, _ in files if Path(o).exists()
-                )
-                err = "".join(
-                    Path(e).read_text(errors="replace") for _, e in files if Path(e).exists()
-                )
-                raise subprocess.TimeoutExpired([script, *argv], timeout, out, err)
+                raise subprocess.TimeoutExpired([script, *argv], timeout, *_outputs(files))
             if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
                 failed_at = time.time()
             if failed_at is not None and time.time() > failed_at + 5:
@@ -145,12 +139,16 @@ def run(
         for p in procs:
             p.join()
         codes = [p.exitcode for p in procs]
-        # a process that died before its first line has no file
-        read = lambda path: Path(path).read_text(errors="replace") if Path(path).exists() else ""
-        stdout = "".join(read(out) for out, _ in files)
-        stderr = "".join(read(err) for _, err in files)
+        stdout, stderr = _outputs(files)
     code = next((c for c in codes if c != 0), 0)
     return subprocess.CompletedProcess([script, *argv], code, stdout, stderr)
+
+
+def _outputs(files: list) -> tuple:
+    """(stdout, stderr) of the launch's processes, joined in rank order; a process that died before
+    its first line has no file."""
+    read = lambda path: Path(path).read_text(errors="replace") if Path(path).exists() else ""
+    return "".join(read(out) for out, _ in files), "".join(read(err) for _, err in files)
 
 
 def stop():
