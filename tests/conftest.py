@@ -393,8 +393,9 @@ def _run(cmd, env, timeout, check, warm=None):
         if launcher is not None:
             env = warm_launch.launch_env(launcher, script, env)
         # A warm launch that hangs (seen once in a fresh-clone CI run: a 2-process reward_model.py
-        # run, cause not found) is stopped after 300 s, reported with its output, and relaunched
-        # once on a new port; a second hang fails the test.
+        # run, before the forkserver was made single-threaded; not reproduced since) is stopped
+        # after 300 s, reported with its output, and relaunched once on a new port; a second hang
+        # fails the test.
         try:
             proc = warm_launch.run(
                 script, args, env, REPO, num_processes, port, min(timeout, 300), shim

@@ -5,8 +5,10 @@ deepspeed_zero3.yaml` writes the same weights, metrics and samples as it does fo
 other test's launch stands for the command a user types."""
 
 import json
+import sys
 
 import pytest
+import warm_launch
 from test_sft import common_args
 
 
@@ -52,3 +54,11 @@ def test_warm_launch_matches_the_real_command(
         assert len(reports) == (1 if how == "python" else 2), proc.stdout
         runs.append(outputs(out, weights))
     same(*runs)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_forkserver_is_single_threaded():
+    """A process forked from a multi-threaded one can deadlock on a lock another thread held (pyarrow's
+    jemalloc background thread would be one); the forkserver switches that thread off."""
+    threads = warm_launch.forkserver_threads()
+    assert len(threads) == 1, f"the forkserver runs threads {threads}"

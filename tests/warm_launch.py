@@ -43,11 +43,31 @@ _context = None
 
 
 def _forkserver():
+    """The forkserver, started once with PRELOAD imported. It must stay single-threaded: a fork copies
+    only the forking thread, so a lock another thread held (in malloc, say) stays locked in the child
+    forever. pyarrow (imported by datasets) starts its jemalloc's background thread when it loads;
+    JE_ARROW_MALLOC_CONF switches that thread off, in the server only (real launches keep it)."""
     global _context
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(PRELOAD)
+        saved = os.environ.get("JE_ARROW_MALLOC_CONF")
+        os.environ["JE_ARROW_MALLOC_CONF"] = "background_thread:false"
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            os.environ.pop("JE_ARROW_MALLOC_CONF")
+            if saved is not None:
+                os.environ["JE_ARROW_MALLOC_CONF"] = saved
     return _context
+
+
+def forkserver_threads() -> list:
+    """The names of the forkserver's threads (Linux); one when it is safe to fork from."""
+    _forkserver()
+    pid = multiprocessing.forkserver._forkserver._forkserver_pid
+    tasks = Path(f"/proc/{pid}/task")
+    return [(tasks / t / "comm").read_text().strip() for t in sorted(os.listdir(tasks))]
 
 
 def _child(script: str, argv: list, env: dict, cwd: str, out: str, err: str, shim: str | None):
