@@ -51,20 +51,21 @@ def _forkserver():
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(PRELOAD)
-        saved = os.environ.get("JE_ARROW_MALLOC_CONF")
+        saved = dict(os.environ)
         os.environ["JE_ARROW_MALLOC_CONF"] = "background_thread:false"
         try:
             multiprocessing.forkserver.ensure_running()
         finally:
-            os.environ.pop("JE_ARROW_MALLOC_CONF")
-            if saved is not None:
-                os.environ["JE_ARROW_MALLOC_CONF"] = saved
+            os.environ.clear()
+            os.environ.update(saved)
     return _context
 
 
 def forkserver_threads() -> list:
     """The names of the forkserver's threads (Linux); one when it is safe to fork from."""
-    _forkserver()
+    p = _forkserver().Process(target=os.getpid)  # served only once PRELOAD is imported
+    p.start()
+    p.join()
     pid = multiprocessing.forkserver._forkserver._forkserver_pid
     tasks = Path(f"/proc/{pid}/task")
     return [(tasks / t / "comm").read_text().strip() for t in sorted(os.listdir(tasks))]
