@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 PRELOAD = [
     "torch",
@@ -51,13 +52,8 @@ def _forkserver():
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(PRELOAD)
-        saved = dict(os.environ)
-        os.environ["JE_ARROW_MALLOC_CONF"] = "background_thread:false"
-        try:
+        with mock.patch.dict(os.environ, JE_ARROW_MALLOC_CONF="background_thread:false"):
             multiprocessing.forkserver.ensure_running()
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
     return _context
 
 
