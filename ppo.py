@@ -26,6 +26,7 @@ import importlib.util
 import inspect
 import json
 import math
+import os
 import resource
 import shutil
 import sys
@@ -52,7 +53,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     GenerationConfig,
-    get_scheduler,
 )
 
 
@@ -569,14 +569,15 @@ class Scorer:
 @torch.no_grad()
 def evaluate(accelerator, model, ref_model, scorer, eval_prompts, tokenizer, args, step):
     """Greedy responses to the held-out prompts (deterministic, so checkpoints compare fairly), scored
-    by the reward; eval/kl is the summed log-ratio log pi - log pi_ref of those responses against the
+    by the reward with the missing-EOS penalty, as training scores them (eval/raw_score: without
+    it); eval/kl is the summed log-ratio log pi - log pi_ref of those responses against the
     current reference. Each process takes every num_processes-th prompt; sums are reduced. The critic
     is not run."""
     unwrapped = accelerator.unwrap_model(model)
     config = generation_config(tokenizer, args.max_new_tokens, do_sample=False)
     local = eval_prompts[accelerator.process_index :: accelerator.num_processes]
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    totals = torch.zeros(3, device=accelerator.device)
+    totals = torch.zeros(4, device=accelerator.device)  # score, raw score, KL sums; count
     samples, b = [], args.per_device_eval_batch_size
     n_chunks = math.ceil(len(eval_prompts) / accelerator.num_processes / b)
     was_training = model.training
@@ -593,20 +594,26 @@ def evaluate(accelerator, model, ref_model, scorer, eval_prompts, tokenizer, arg
         logp, ref_logp, _ = rollout_forward(
             accelerator, unwrapped, ref_model, *prompt_and_response, b, 1.0, with_values=False
         )
-        scores = scorer(prompts, prompt_mask, responses, response_mask, has_eos)
+        raw_scores = scorer(prompts, prompt_mask, responses, response_mask, has_eos)
+        # scored as training scores it (the EOS trick), so best/ never keeps a policy that never stops
+        scores = apply_missing_eos_penalty(raw_scores, has_eos, args.missing_eos_penalty)
         kl = ((logp - ref_logp) * response_mask).sum(1)
-        totals += torch.stack([scores[:count].sum(), kl[:count].sum(), kl.new_tensor(float(count))])
+        sums = [scores[:count].sum(), raw_scores[:count].sum(), kl[:count].sum()]
+        totals += torch.stack([*sums, kl.new_tensor(float(count))])
         if c == 0 and accelerator.is_main_process:
             texts = scorer.texts(prompts, prompt_mask, responses, response_mask)
-            rows = zip(*texts, scores.tolist())
-            samples = [{"step": step, "prompt": p, "completion": r, "score": s} for p, r, s in rows]
-            samples = samples[: min(args.num_samples, count)]
+            rows = zip(*texts, scores.tolist(), raw_scores.tolist())
+            samples = [
+                {"step": step, "prompt": p, "completion": r, "score": s, "raw_score": raw}
+                for p, r, s, raw in rows
+            ][: min(args.num_samples, count)]
     model.train(was_training)
     totals = accelerator.reduce(totals, "sum")
+    score, raw_score, kl = (totals[:3] / totals[3]).tolist()
     if samples:
         with open(Path(args.output_dir) / "samples.jsonl", "a") as f:
             f.writelines(json.dumps(s) + "\n" for s in samples)
-    return {"eval/score": (totals[0] / totals[2]).item(), "eval/kl": (totals[1] / totals[2]).item()}
+    return {"eval/score": score, "eval/raw_score": raw_score, "eval/kl": kl}
 
 
 def save_policy(accelerator, model, tokenizer, output_dir):
@@ -684,6 +691,14 @@ def check_args(args: Args):
         check_model_path(args.value_model_name_or_path, "value model")
     if args.reward_model_name_or_path:
         check_reward_model(args.reward_model_name_or_path, args.trust_remote_code)
+    if args.normalize_reward:  # never a silent mean 0 / std 1
+        path = args.reward_model_name_or_path
+        config = path and AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        if not (hasattr(config, "reward_mean") and hasattr(config, "reward_std")):
+            raise DataError(
+                f"--normalize_reward needs the reward_mean and reward_std that reward_model.py "
+                f"stores in a reward model's config; {path or '--reward_fn'} has none"
+            )
 
 
 def load_reward_tokenizer(args, tokenizer):
@@ -752,7 +767,7 @@ def main(args: Args):
     check_args(args)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     accelerator = Accelerator(
-        mixed_precision="bf16" if args.bf16 else None,
+        mixed_precision="bf16" if args.bf16 else "no",
         # Accumulation counts micro-batches per minibatch by hand (sync_with_dataloader=False); the
         # number depends on the process count, so it is set below, before prepare().
         gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -765,6 +780,7 @@ def main(args: Args):
     sizes = derive_batch_sizes(args, accelerator.num_processes)
     ga = sizes["gradient_accumulation_steps"]
     accelerator.gradient_accumulation_steps = ga
+    describe_run(accelerator, args.per_device_train_batch_size, ga, "responses")
     set_seed(args.seed)
     tokenizer = load_tokenizer(args)
     reward_tokenizer = load_reward_tokenizer(args, tokenizer)
@@ -834,8 +850,7 @@ def main(args: Args):
     # the sharded loader's own count (the two agree)
     iters_per_epoch = min(iters_per_epoch, len(loader))
     total_optimizer_steps = num_iterations * sizes["optimizer_steps_per_iteration"]
-    warmup_steps = math.ceil(args.warmup_ratio * total_optimizer_steps)
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, warmup_steps, total_optimizer_steps)
+    scheduler = lr_schedule(optimizer, args.lr_scheduler, args.warmup_ratio, total_optimizer_steps)
     value_stats = RunningMeanStd()
     scorer = Scorer(args, tokenizer, accelerator.device, reward_model, reward_tokenizer, reward_fn)
     unwrapped = accelerator.unwrap_model(model)
@@ -850,6 +865,8 @@ def main(args: Args):
         load_reference(accelerator, ref_model, resume_from / "reference.safetensors")
     accelerator.init_trackers("ppo", config=asdict(args))
     log = MetricsLog(accelerator, args.output_dir, step)
+    if step and accelerator.is_main_process:  # evaluations after the checkpoint are re-run
+        keep_rows_up_to(Path(args.output_dir) / "samples.jsonl", step)
     reduce_sum = lambda t: accelerator.reduce(t, "sum")  # global rollout-batch statistics
 
     # ---- training loop: one iteration = rollout, then PPO updates, then the reference EMA ----
@@ -1401,6 +1418,68 @@ def generation_config(
     )
 
 
+def describe_run(accelerator, per_device: int, ga: int, unit: str):
+    """The run's first line: process count, device, precision and the global batch, so a launch that
+    does not do what was meant shows at once. Says so when the launcher asked for more processes than
+    run together (`accelerate launch --cpu --num_processes 2` starts one; `srun -n 2 python ...`
+    starts two that each run alone) or for a precision the script's --bf16 overrides."""
+    n = accelerator.num_processes
+    precision = "bf16 autocast" if accelerator.mixed_precision == "bf16" else "fp32"
+    kind = accelerator.distributed_type.value
+    accelerator.print(
+        f"{n} process{'es' * (n > 1)}{f' ({kind})' if kind != 'NO' else ''}, device "
+        f"{accelerator.device.type}, {precision}, global batch {per_device * n * ga} {unit} "
+        f"({per_device} per device x {n} x {ga} accumulation)"
+    )
+    asked = [int(os.environ.get("SLURM_NTASKS", "1") or 1)]
+    try:  # the launcher's own command line (Linux): accelerate launch ... --num_processes N
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+        if any("accelerate" in a for a in argv[:3]) and "--num_processes" in argv:
+            asked.append(int(argv[argv.index("--num_processes") + 1]))
+    except (OSError, ValueError, IndexError):
+        pass
+    if n == 1 and max(asked) > 1:
+        print(
+            f"warning: the launcher asked for {max(asked)} processes, but this one runs alone "
+            "(and so may every other): for several CPU processes use accelerate launch --multi_gpu "
+            "with ACCELERATE_USE_CPU=1; on GPUs, accelerate launch --num_processes N"
+        )
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launcher not in ("no", accelerator.mixed_precision):
+        accelerator.print(
+            f"note: the launcher's mixed_precision {launcher} is not used; this script's precision "
+            f"comes from --bf16 ({precision})"
+        )
+
+
+def lr_schedule(optimizer, name: str, warmup_ratio: float, total_steps: int):
+    """The learning rate of optimizer step s = 0 .. total_steps - 1 as a multiple of --learning_rate: a
+    linear warm-up over ceil(warmup_ratio * total_steps) steps, then constant, linear or cosine decay.
+    Unlike transformers' get_scheduler, no step runs at lr 0 (its warm-up starts at 0): the warm-up
+    starts at 1 / (warmup + 1) and the decay would reach 0 one step after the last, so a 1-step run
+    still learns. Without warm-up, linear and cosine equal get_scheduler's."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        progress = (s - warmup) / max(total_steps - warmup, 1)  # in [0, 1) for every step run
+        decay = {"linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}
+        return decay.get(name, 1.0)  # constant
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def keep_rows_up_to(path: Path, step: int):
+    """On resume from step N: drop the rows of a .jsonl log (metrics, samples) that the interrupted
+    run wrote after N, since the resumed run writes them again. Rewritten under a temporary name."""
+    if path.exists():
+        rows = [r for r in path.read_text().splitlines() if json.loads(r)["step"] <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(r + "\n" for r in rows))
+        tmp.replace(path)
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per logging step, written by the main process, flushed as written.
     On resume from step N, rows after N (written by the run that was interrupted) are dropped first."""
@@ -1410,12 +1489,9 @@ class MetricsLog:
         self.file = None
         if accelerator.is_main_process:
             path = Path(output_dir) / "metrics.jsonl"
-            rows = path.read_text().splitlines() if resume_step and path.exists() else []
-            self.file = open(path, "w")
-            for line in rows:
-                if json.loads(line)["step"] <= resume_step:
-                    self.file.write(line + "\n")
-            self.file.flush()
+            if resume_step:
+                keep_rows_up_to(path, resume_step)
+            self.file = open(path, "a" if resume_step else "w")
 
     def log(self, metrics: dict, step: int):
         metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}

@@ -25,6 +25,7 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -45,7 +46,7 @@ from accelerate.utils import (
 )
 from datasets import Dataset, load_dataset
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 
 @dataclass
@@ -373,7 +374,7 @@ def main(args: Args):
     # ---- 1. arguments and data, checked before any model is loaded ----
     check_reward_args(args)
     accelerator = Accelerator(
-        mixed_precision="bf16" if args.bf16 else None,
+        mixed_precision="bf16" if args.bf16 else "no",
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
         ),
@@ -381,6 +382,8 @@ def main(args: Args):
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
     )
+    ga = args.gradient_accumulation_steps  # one step = per_device batch x processes x ga (in pairs)
+    describe_run(accelerator, args.per_device_train_batch_size, ga, "pairs")
     set_seed(args.seed)
     raw = {}
     for name, split in (
@@ -409,7 +412,6 @@ def main(args: Args):
     train_loader = train and torch.utils.data.DataLoader(
         train, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collate
     )
-    ga = args.gradient_accumulation_steps  # one step = per_device batch x processes x ga (in pairs)
     if train and math.ceil(len(train_loader) / accelerator.num_processes) < ga:
         raise DataError(
             f"{len(train)} training pairs make no full step of "
@@ -467,8 +469,8 @@ def main(args: Args):
     total_steps = (
         args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     )
-    warmup = math.ceil(args.warmup_ratio * total_steps)  # (not prepared: it would step per process)
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, warmup, total_steps)
+    # (not prepared: it would step once per process)
+    scheduler = lr_schedule(optimizer, args.lr_scheduler, args.warmup_ratio, total_steps)
     step = 0
     if resume_from is not None:  # accelerate's state, plus our own (step, scheduler) from step.json
         state = load_checkpoint(accelerator, resume_from)
@@ -888,6 +890,68 @@ def check_finite(value: torch.Tensor, what: str, step: int):
         )
 
 
+def describe_run(accelerator, per_device: int, ga: int, unit: str):
+    """The run's first line: process count, device, precision and the global batch, so a launch that
+    does not do what was meant shows at once. Says so when the launcher asked for more processes than
+    run together (`accelerate launch --cpu --num_processes 2` starts one; `srun -n 2 python ...`
+    starts two that each run alone) or for a precision the script's --bf16 overrides."""
+    n = accelerator.num_processes
+    precision = "bf16 autocast" if accelerator.mixed_precision == "bf16" else "fp32"
+    kind = accelerator.distributed_type.value
+    accelerator.print(
+        f"{n} process{'es' * (n > 1)}{f' ({kind})' if kind != 'NO' else ''}, device "
+        f"{accelerator.device.type}, {precision}, global batch {per_device * n * ga} {unit} "
+        f"({per_device} per device x {n} x {ga} accumulation)"
+    )
+    asked = [int(os.environ.get("SLURM_NTASKS", "1") or 1)]
+    try:  # the launcher's own command line (Linux): accelerate launch ... --num_processes N
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+        if any("accelerate" in a for a in argv[:3]) and "--num_processes" in argv:
+            asked.append(int(argv[argv.index("--num_processes") + 1]))
+    except (OSError, ValueError, IndexError):
+        pass
+    if n == 1 and max(asked) > 1:
+        print(
+            f"warning: the launcher asked for {max(asked)} processes, but this one runs alone "
+            "(and so may every other): for several CPU processes use accelerate launch --multi_gpu "
+            "with ACCELERATE_USE_CPU=1; on GPUs, accelerate launch --num_processes N"
+        )
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launcher not in ("no", accelerator.mixed_precision):
+        accelerator.print(
+            f"note: the launcher's mixed_precision {launcher} is not used; this script's precision "
+            f"comes from --bf16 ({precision})"
+        )
+
+
+def lr_schedule(optimizer, name: str, warmup_ratio: float, total_steps: int):
+    """The learning rate of optimizer step s = 0 .. total_steps - 1 as a multiple of --learning_rate: a
+    linear warm-up over ceil(warmup_ratio * total_steps) steps, then constant, linear or cosine decay.
+    Unlike transformers' get_scheduler, no step runs at lr 0 (its warm-up starts at 0): the warm-up
+    starts at 1 / (warmup + 1) and the decay would reach 0 one step after the last, so a 1-step run
+    still learns. Without warm-up, linear and cosine equal get_scheduler's."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        progress = (s - warmup) / max(total_steps - warmup, 1)  # in [0, 1) for every step run
+        decay = {"linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}
+        return decay.get(name, 1.0)  # constant
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def keep_rows_up_to(path: Path, step: int):
+    """On resume from step N: drop the rows of a .jsonl log (metrics, samples) that the interrupted
+    run wrote after N, since the resumed run writes them again. Rewritten under a temporary name."""
+    if path.exists():
+        rows = [r for r in path.read_text().splitlines() if json.loads(r)["step"] <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(r + "\n" for r in rows))
+        tmp.replace(path)
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per logging step, written by the main process, flushed as written.
     On resume from step N, rows after N (written by the run that was interrupted) are dropped first."""
@@ -897,12 +961,9 @@ class MetricsLog:
         self.file = None
         if accelerator.is_main_process:
             path = Path(output_dir) / "metrics.jsonl"
-            rows = path.read_text().splitlines() if resume_step and path.exists() else []
-            self.file = open(path, "w")
-            for line in rows:
-                if json.loads(line)["step"] <= resume_step:
-                    self.file.write(line + "\n")
-            self.file.flush()
+            if resume_step:
+                keep_rows_up_to(path, resume_step)
+            self.file = open(path, "a" if resume_step else "w")
 
     def log(self, metrics: dict, step: int):
         metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}

@@ -17,6 +17,7 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -41,7 +42,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
-    get_scheduler,
 )
 
 
@@ -218,8 +218,10 @@ def tokenize_sft(
                 dropped["empty completion"] += 1
                 continue
             ids, mask = encode_conversation(tokenizer, row["messages"])
-            if len(ids) > max_length:
-                ids, mask, n_truncated = ids[:max_length], mask[:max_length], n_truncated + 1
+            # the prompt (the context before the first assistant target) keeps its end
+            cut = max(mask.index(1) - max_prompt_length, 0) if max_prompt_length else 0
+            n_truncated += cut > 0 or len(ids) - cut > max_length
+            ids, mask = ids[cut:][:max_length], mask[cut:][:max_length]
         else:
             check_text(row["prompt"], "prompt", i)
             check_text(
@@ -351,7 +353,7 @@ def main(args: Args):
     # ---- arguments and data, checked before any model is loaded ----
     check_args(args)
     accelerator = Accelerator(
-        mixed_precision="bf16" if args.bf16 else None,
+        mixed_precision="bf16" if args.bf16 else "no",
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
         ),
@@ -359,6 +361,8 @@ def main(args: Args):
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
     )
+    ga = args.gradient_accumulation_steps  # one optimizer step = per_device batch x processes x ga
+    describe_run(accelerator, args.per_device_train_batch_size, ga, "examples")
     set_seed(args.seed)
     tokenizer = load_tokenizer(args)
 
@@ -375,7 +379,6 @@ def main(args: Args):
     eval_loader = torch.utils.data.DataLoader(
         evals, batch_size=args.per_device_eval_batch_size, collate_fn=collate
     )
-    ga = args.gradient_accumulation_steps  # one optimizer step = per_device batch x processes x ga
     if math.ceil(len(train_loader) / accelerator.num_processes) < ga:  # accelerate's shard length
         raise DataError(
             f"{len(train)} training examples make no full step of "
@@ -429,8 +432,7 @@ def main(args: Args):
         args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     )
     # not prepared: accelerate would step it once per process
-    warmup = math.ceil(args.warmup_ratio * total_steps)
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, warmup, total_steps)
+    scheduler = lr_schedule(optimizer, args.lr_scheduler, args.warmup_ratio, total_steps)
 
     # ---- resume: accelerate's state, plus our own (step, scheduler) from step.json ----
     step = 0
@@ -834,6 +836,68 @@ def generation_config(
     )
 
 
+def describe_run(accelerator, per_device: int, ga: int, unit: str):
+    """The run's first line: process count, device, precision and the global batch, so a launch that
+    does not do what was meant shows at once. Says so when the launcher asked for more processes than
+    run together (`accelerate launch --cpu --num_processes 2` starts one; `srun -n 2 python ...`
+    starts two that each run alone) or for a precision the script's --bf16 overrides."""
+    n = accelerator.num_processes
+    precision = "bf16 autocast" if accelerator.mixed_precision == "bf16" else "fp32"
+    kind = accelerator.distributed_type.value
+    accelerator.print(
+        f"{n} process{'es' * (n > 1)}{f' ({kind})' if kind != 'NO' else ''}, device "
+        f"{accelerator.device.type}, {precision}, global batch {per_device * n * ga} {unit} "
+        f"({per_device} per device x {n} x {ga} accumulation)"
+    )
+    asked = [int(os.environ.get("SLURM_NTASKS", "1") or 1)]
+    try:  # the launcher's own command line (Linux): accelerate launch ... --num_processes N
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+        if any("accelerate" in a for a in argv[:3]) and "--num_processes" in argv:
+            asked.append(int(argv[argv.index("--num_processes") + 1]))
+    except (OSError, ValueError, IndexError):
+        pass
+    if n == 1 and max(asked) > 1:
+        print(
+            f"warning: the launcher asked for {max(asked)} processes, but this one runs alone "
+            "(and so may every other): for several CPU processes use accelerate launch --multi_gpu "
+            "with ACCELERATE_USE_CPU=1; on GPUs, accelerate launch --num_processes N"
+        )
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launcher not in ("no", accelerator.mixed_precision):
+        accelerator.print(
+            f"note: the launcher's mixed_precision {launcher} is not used; this script's precision "
+            f"comes from --bf16 ({precision})"
+        )
+
+
+def lr_schedule(optimizer, name: str, warmup_ratio: float, total_steps: int):
+    """The learning rate of optimizer step s = 0 .. total_steps - 1 as a multiple of --learning_rate: a
+    linear warm-up over ceil(warmup_ratio * total_steps) steps, then constant, linear or cosine decay.
+    Unlike transformers' get_scheduler, no step runs at lr 0 (its warm-up starts at 0): the warm-up
+    starts at 1 / (warmup + 1) and the decay would reach 0 one step after the last, so a 1-step run
+    still learns. Without warm-up, linear and cosine equal get_scheduler's."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        progress = (s - warmup) / max(total_steps - warmup, 1)  # in [0, 1) for every step run
+        decay = {"linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}
+        return decay.get(name, 1.0)  # constant
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def keep_rows_up_to(path: Path, step: int):
+    """On resume from step N: drop the rows of a .jsonl log (metrics, samples) that the interrupted
+    run wrote after N, since the resumed run writes them again. Rewritten under a temporary name."""
+    if path.exists():
+        rows = [r for r in path.read_text().splitlines() if json.loads(r)["step"] <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(r + "\n" for r in rows))
+        tmp.replace(path)
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per logging step, written by the main process, flushed as written.
     On resume from step N, rows after N (written by the run that was interrupted) are dropped first."""
@@ -843,12 +907,9 @@ class MetricsLog:
         self.file = None
         if accelerator.is_main_process:
             path = Path(output_dir) / "metrics.jsonl"
-            rows = path.read_text().splitlines() if resume_step and path.exists() else []
-            self.file = open(path, "w")
-            for line in rows:
-                if json.loads(line)["step"] <= resume_step:
-                    self.file.write(line + "\n")
-            self.file.flush()
+            if resume_step:
+                keep_rows_up_to(path, resume_step)
+            self.file = open(path, "a" if resume_step else "w")
 
     def log(self, metrics: dict, step: int):
         metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}

@@ -4,6 +4,7 @@ where the input can be judged without one; none leaves a saved model behind."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from conftest import main_error, tyro_help, write_jsonl
@@ -52,6 +53,12 @@ def files(tmp_path_factory, tiny_models, data_files):
     (d / "malformed.jsonl").write_text('{"prompt": "a"\n{oops\n')
     (d / "a_file").write_text("not a directory")
     (d / "nan.jsonl").write_text('{"prompt": NaN}\n' + '{"prompt": "hi"}\n' * 7)
+    # a third-party reward model: a classifier config without reward_model.py's statistics
+    config = json.loads((Path(tiny_models["llama"]) / "config.json").read_text())
+    config.update(architectures=["LlamaForSequenceClassification"], num_labels=1)
+    config.pop("id2label", None), config.pop("label2id", None)
+    (d / "rm_no_stats").mkdir()
+    (d / "rm_no_stats" / "config.json").write_text(json.dumps(config))
     return {
         "dir": d,
         "model": tiny_models["llama"],
@@ -107,6 +114,16 @@ def different_args(f, out):
 # (id, extra Args or a function (files, output_dir) -> extra Args, a phrase the one error line holds)
 CASES = [
     ("neither reward", {"reward_fn": None}, "exactly one of"),
+    ("normalize_reward with a reward fn", {"normalize_reward": True}, "needs the reward_mean"),
+    (
+        "normalize_reward, no statistics in the config",
+        lambda f, o: {
+            "reward_fn": None,
+            "normalize_reward": True,
+            "reward_model_name_or_path": str(f["dir"] / "rm_no_stats"),
+        },
+        "rm_no_stats has none",
+    ),
     ("both rewards", lambda f, o: {"reward_model_name_or_path": f["model"]}, "exactly one of"),
     (
         "reward file ImportError",

@@ -254,10 +254,23 @@ def test_reward_model_path_and_baseline_switches(
             1,
             "--temperature",
             0.7,
+            "--eval_split",
+            "train[:4]",
         ),
     )
     train = [r for r in metrics(out) if "objective/scores" in r]
     assert len(train) == 2 and all(math.isfinite(r[k]) for r in train for k in TRAIN_METRICS)
+    # evaluation scores as training does: an unfinished greedy answer gets the missing-EOS penalty
+    # (so best/ never keeps a policy that never stops); the raw score is logged beside it
+    (ev,) = [r for r in metrics(out) if "eval/score" in r]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(s["score"] in (s["raw_score"], -10.0) for s in samples)
+    assert any(
+        s["score"] == -10.0 != s["raw_score"] for s in samples
+    )  # the untrained model rambles
+    assert ev["eval/score"] == pytest.approx(statistics.fmean(s["score"] for s in samples))
+    assert ev["eval/raw_score"] == pytest.approx(statistics.fmean(s["raw_score"] for s in samples))
+    assert json.loads((out / "best" / "best.json").read_text())["eval/score"] == ev["eval/score"]
     # One minibatch: the update's first forward sees exactly the rollout policy, so the rollout log-probs
     # (chunked, no_grad, at the sampling temperature) must equal the training forward's: ratio 1.
     assert all(r["policy/approxkl"] < 1e-9 and r["policy/clipfrac"] == 0 for r in train)

@@ -44,6 +44,18 @@ def test_chat_template_loss_only_on_assistant_turns(tok, data_files):
     assert tok.decode(ex["input_ids"]) == full
 
 
+def test_max_prompt_length_cuts_a_conversations_context_from_its_start(tok, data_files):
+    """--max_prompt_length applies to messages data too: the context before the first assistant
+    target keeps its last max_prompt_length tokens, and every target token is kept."""
+    ds = sft.to_sft(sft.load_split(data_files["messages"], None, "train"))
+    full = sft.tokenize_sft(ds, tok, 512, None, "t")[0]
+    (cut,) = sft.tokenize_sft(ds.select([0]), tok, 512, 4, "t")
+    assert cut["loss_mask"].index(1) == 4 < full["loss_mask"].index(1)
+    n = full["loss_mask"].index(1) - 4
+    assert cut["input_ids"] == full["input_ids"][n:] and cut["loss_mask"] == full["loss_mask"][n:]
+    assert masked_text(tok, cut) == masked_text(tok, full)
+
+
 def test_a_tokenizer_that_appends_eos_to_every_text_does_not_end_prompts_with_it():
     """add_eos_token=True (a Llama tokenizer option) appends EOS to every text: a prompt ending in EOS
     would teach the model to read a stop token before every answer."""
@@ -469,6 +481,44 @@ def test_deepspeed_config_with_other_accumulation_is_refused(
     assert proc.returncode != 0
     errors = {line for line in proc.stderr.splitlines() if line.startswith("error:")}
     assert len(errors) == 1 and "gradient_accumulation_steps=2" in errors.pop(), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "constant"])
+def test_no_step_of_the_schedule_runs_at_lr_0(name):
+    """transformers' get_scheduler starts its warm-up at lr 0, so a warm-up that rounds up to one step
+    (3% of a 1-step run) made the whole run a no-op. Ours starts at 1 / (warmup + 1); without warm-up
+    linear and cosine are get_scheduler's."""
+    from transformers import get_scheduler
+
+    def lrs(scheduler, n):
+        out = []
+        for _ in range(n):
+            out.append(scheduler.get_last_lr()[0])
+            scheduler.optimizer.step()
+            scheduler.step()
+        return out
+
+    opt = lambda: torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert lrs(sft.lr_schedule(opt(), name, 0.03, 1), 1) == [0.5]
+    assert lrs(sft.lr_schedule(opt(), name, 0.3, 10), 3) == [0.25, 0.5, 0.75]
+    assert all(lr > 0 for lr in lrs(sft.lr_schedule(opt(), name, 0.1, 20), 20))
+    if name != "constant":
+        ours, theirs = (
+            lrs(sft.lr_schedule(opt(), name, 0.0, 7), 7),
+            lrs(get_scheduler(name, opt(), 0, 7), 7),
+        )
+        assert ours == pytest.approx(theirs)
+
+
+def test_a_one_step_run_with_the_default_warmup_learns(
+    tiny_model, data_files, run_script, weights, tmp_path
+):
+    out = tmp_path / "out"
+    run_script("sft.py", "--model_name_or_path", tiny_model, "--dataset_name",
+               data_files["prompt_completion"], "--max_steps", 1, "--output_dir", out)  # fmt: skip
+    assert json.loads((out / "args.json").read_text())["warmup_ratio"] > 0  # the default
+    w, w0 = weights(out), weights(tiny_model)
+    assert any(not torch.equal(w[k], w0[k]) for k in w), "the only step ran at lr 0"
 
 
 def test_resume_matches_uninterrupted_run(
