@@ -232,7 +232,7 @@ def test_reward_model_path_and_baseline_switches(
         AutoTokenizer.from_pretrained(tokenizer_dir), tmp_path / "rm", mean=0.5, std=2.0
     )
     out = tmp_path / "run"
-    run_script(
+    proc = run_script(
         "ppo.py",
         *small_run(
             tiny_model,
@@ -258,6 +258,9 @@ def test_reward_model_path_and_baseline_switches(
             "train[:4]",
         ),
     )
+    # the first line says what runs: one optimizer step = 2 micro-batches of 16 responses
+    first = "1 process, device cpu, fp32, global batch 32 responses (16 per device x 1 x 2 accumulation)"
+    assert proc.stdout.splitlines()[0] == first, proc.stdout[:300]
     train = [r for r in metrics(out) if "objective/scores" in r]
     assert len(train) == 2 and all(math.isfinite(r[k]) for r in train for k in TRAIN_METRICS)
     # evaluation scores as training does: an unfinished greedy answer gets the missing-EOS penalty
