@@ -21,6 +21,7 @@ SHARED = [
     "RESUME_MAY_CHANGE", "on_main", "prepare_output_dir", "save_model", "save_checkpoint", "find_checkpoint",
     "load_checkpoint", "prepare_frozen", "check_reward_model", "load_reward_fn", "call_reward_fn",
     "apply_missing_eos_penalty", "to_prompts", "tokenize_prompts", "decode_response", "tokenize_after",
+    "same_vocab", "load_reward_tokenizer", "labeller_texts", "reward_model_inputs",
 ]  # fmt: skip
 
 
