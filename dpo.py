@@ -307,28 +307,6 @@ def sample_responses(accelerator, model, tokenizer, prompt_ids: list, args) -> l
     return out
 
 
-def reward_model_inputs(tokenizer, rm_tokenizer, prompt, prompt_ids, response_ids, finished: bool):
-    """The reward model's token ids for prompt + response. The same vocabulary: the ids as sampled.
-    Otherwise the decoded response is re-tokenized with the reward model's tokenizer (and its chat
-    template): a finished one ends in exactly one EOS (encode_completion); an unfinished one gets
-    neither EOS nor the template's end-of-turn text, so the reward model sees an open turn."""
-    if rm_tokenizer.get_vocab() == tokenizer.get_vocab():
-        return prompt_ids + response_ids
-    text = decode_response(tokenizer, prompt_ids, response_ids)
-    rm_prompt_ids = encode_prompt(rm_tokenizer, prompt)
-    if not finished:
-        return rm_prompt_ids + rm_tokenizer(text, add_special_tokens=False).input_ids
-    completion = [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
-    return rm_prompt_ids + encode_completion(rm_tokenizer, prompt, completion)
-
-
-def prompt_text(tokenizer, prompt) -> str:
-    """The prompt as the labeller and pairs.jsonl see it (messages rendered by the chat template)."""
-    if isinstance(prompt, list):
-        return render_chat(tokenizer, prompt, add_generation_prompt=True)
-    return prompt
-
-
 @torch.no_grad()
 def score_samples(
     accelerator, args, tokenizer, reward_fn, reward_model, rm_tokenizer, prompts, samples
@@ -336,21 +314,19 @@ def score_samples(
     """One score per sample from the reward function or the reward model (its scalar head at the
     last real token), then the missing-EOS penalty (Tulu 2.5 App. F, as in ppo.py)."""
     finished = [f for _, f in samples]
+    rows = [(p["prompt"], p["prompt_ids"], ids) for p, (ids, _) in zip(prompts, samples)]
     if reward_fn is not None:
-        texts = [prompt_text(tokenizer, p["prompt"]) for p in prompts]
-        completions = [
-            decode_response(tokenizer, p["prompt_ids"], r) for p, (r, _) in zip(prompts, samples)
-        ]
-        scores = call_reward_fn(reward_fn, texts, completions, finished)
+        texts, completions = zip(*[labeller_texts(tokenizer, *row) for row in rows])
+        scores = call_reward_fn(reward_fn, list(texts), list(completions), finished)
     else:
         sequences = [
-            reward_model_inputs(tokenizer, rm_tokenizer, p["prompt"], p["prompt_ids"], ids, f)
-            for p, (ids, f) in zip(prompts, samples)
+            reward_model_inputs(tokenizer, rm_tokenizer, *row, f) for row, f in zip(rows, finished)
         ]
+        pad_id = (rm_tokenizer or tokenizer).pad_token_id
         scores = []
         for start in range(0, len(sequences), args.per_device_eval_batch_size):
             chunk = sequences[start : start + args.per_device_eval_batch_size]
-            ids = pad(chunk, rm_tokenizer.pad_token_id).to(accelerator.device)
+            ids = pad(chunk, pad_id).to(accelerator.device)
             mask = pad([[1] * len(s) for s in chunk], 0).to(accelerator.device)
             with accelerator.autocast():
                 per_token = score_tokens(reward_model, ids, mask)
@@ -402,11 +378,14 @@ def build_iteration_pairs(accelerator, args, policy, tokenizer, prompts: list, s
             n_dropped += 1
             continue
         pair, truncated = out
-        pair["record"] = {  # for iter_K/pairs.jsonl
-            "prompt": prompt_text(tokenizer, prompts[i]["prompt"]),
-            "chosen": decode_response(tokenizer, prompts[i]["prompt_ids"], best_ids),
+        p = prompts[i]
+        text, chosen = labeller_texts(tokenizer, p["prompt"], p["prompt_ids"], best_ids)
+        rejected = labeller_texts(tokenizer, p["prompt"], p["prompt_ids"], worst_ids)[1]
+        pair["record"] = {  # for iter_K/pairs.jsonl: what the labeller read
+            "prompt": text,
+            "chosen": chosen,
             "chosen_score": best,
-            "rejected": decode_response(tokenizer, prompts[i]["prompt_ids"], worst_ids),
+            "rejected": rejected,
             "rejected_score": worst,
         }
         pairs.append(pair)
@@ -840,17 +819,13 @@ def main(args: Args):
         return
 
     # ---- the labeller of DPO-Iter's samples: a reward model or a reward function ----
-    reward_model = rm_tokenizer = None
+    reward_model = None
+    rm_tokenizer = load_reward_tokenizer(args, tokenizer)  # None: the policy's vocabulary
     if rm_path := args.reward_model_name_or_path:
         reward_model = load_frozen(args, accelerator, AutoModelForSequenceClassification, rm_path)
-        rm_tokenizer = AutoTokenizer.from_pretrained(
-            rm_path, trust_remote_code=args.trust_remote_code
-        )
-        if rm_tokenizer.pad_token_id is None:
-            rm_tokenizer.pad_token = rm_tokenizer.eos_token
         # score_tokens runs HF's forward, which needs a pad id to batch (its pooling is not used)
         rm_config = getattr(reward_model, "module", reward_model).config
-        rm_config.pad_token_id = rm_tokenizer.pad_token_id
+        rm_config.pad_token_id = (rm_tokenizer or tokenizer).pad_token_id
 
     score = partial(
         score_samples, accelerator, args, tokenizer, reward_fn, reward_model, rm_tokenizer
@@ -1604,6 +1579,72 @@ def decode_response(tokenizer, prompt_ids: list, response_ids: list) -> str:
     if text.startswith(prompt):
         return text[len(prompt) :]
     return tokenizer.decode(response_ids, skip_special_tokens=True)
+
+
+def same_vocab(tokenizer_a, tokenizer_b) -> bool:
+    return tokenizer_a.get_vocab() == tokenizer_b.get_vocab()
+
+
+def load_reward_tokenizer(args, tokenizer):
+    """The reward model's own tokenizer when its vocabulary differs from the policy's (responses are
+    then decoded and re-tokenized for it, reward_model_inputs); None when it shares the policy's or
+    has none."""
+    name = args.reward_model_name_or_path
+    if not name:
+        return None
+    try:
+        reward_tokenizer = AutoTokenizer.from_pretrained(
+            name, trust_remote_code=args.trust_remote_code
+        )
+    except (OSError, ValueError):
+        print("reward model has no tokenizer of its own: assuming the policy's")
+        return None
+    if same_vocab(reward_tokenizer, tokenizer):
+        return None
+    if reward_tokenizer.eos_token_id is None:
+        raise DataError(
+            f"{name}: its tokenizer differs from the policy's and has no EOS token, so responses "
+            "cannot be re-tokenized for it"
+        )
+    if reward_tokenizer.pad_token_id is None:
+        reward_tokenizer.pad_token = reward_tokenizer.eos_token
+    print(
+        "reward model's tokenizer differs from the policy's: responses are decoded and re-tokenized"
+    )
+    return reward_tokenizer
+
+
+def labeller_texts(tokenizer, prompt, prompt_ids: list, response_ids: list) -> tuple:
+    """What a labeller reads, the same in ppo.py and dpo.py's DPO-Iter: --reward_fn gets these texts,
+    samples.jsonl and pairs.jsonl record them, a reward model with another vocabulary re-tokenizes
+    them (reward_model_inputs). The prompt as the dataset gives it (before max_prompt_length
+    truncation), messages rendered by the policy's chat template with its generation prompt: the text
+    the policy continued. The completion as it reads after that prompt, special tokens dropped
+    (decode_response): an EOS is not in the text, call_reward_fn's `finished` tells.
+    -> (prompt text, completion text)"""
+    if isinstance(prompt, list):
+        prompt = render_chat(tokenizer, prompt, add_generation_prompt=True)
+    return prompt, decode_response(tokenizer, prompt_ids, response_ids)
+
+
+def reward_model_inputs(tokenizer, rm_tokenizer, prompt, prompt_ids, response_ids, finished: bool):
+    """A reward model's token ids for a prompt and a sampled response. rm_tokenizer None (the policy's
+    vocabulary, load_reward_tokenizer): the ids as sampled. Another vocabulary: the labeller_texts in
+    the reward model's tokens, messages in its own chat template where it has one (else as the
+    labeller reads them); the completion tokenized after its prompt (tokenize_after: alone, a legacy
+    SentencePiece text would start with an extra '▁'). A finished response ends in exactly one EOS
+    (encode_completion: with the template's end of turn), an unfinished one in neither (an open turn)."""
+    if rm_tokenizer is None:
+        return prompt_ids + response_ids
+    text, completion = labeller_texts(tokenizer, prompt, prompt_ids, response_ids)
+    chat = isinstance(prompt, list) and rm_tokenizer.chat_template is not None
+    prompt = prompt if chat else text
+    ids = encode_prompt(rm_tokenizer, prompt)
+    if finished:
+        turn = [{"role": "assistant", "content": completion}] if chat else completion
+        return ids + encode_completion(rm_tokenizer, prompt, turn)
+    before = render_chat(rm_tokenizer, prompt, add_generation_prompt=True) if chat else prompt
+    return ids + tokenize_after(rm_tokenizer, before, completion)
 
 
 def apply_missing_eos_penalty(

@@ -397,26 +397,15 @@ def derive_batch_sizes(args, num_processes: int) -> dict:
 
 
 def collate_prompts(prompts: list, pad_id: int) -> dict:
-    """Left-padded, so every response starts at the same column and generation appends on the right."""
-    masks = [[1] * len(p) for p in prompts]
-    return {"input_ids": pad(prompts, pad_id, "left"), "attention_mask": pad(masks, 0, "left")}
-
-
-def same_vocab(tokenizer_a, tokenizer_b) -> bool:
-    return tokenizer_a.get_vocab() == tokenizer_b.get_vocab()
-
-
-def retokenize(prompt_texts: list, completion_texts: list, has_eos: torch.Tensor, tokenizer):
-    """Text -> another model's tokens (a reward model with a different tokenizer): the prompt as
-    encode_prompt does for strings, then the completion, with EOS only where the policy emitted one.
-    Right-padded; the reward is read at the last real token."""
-    seqs = []
-    for prompt, completion, eos in zip(prompt_texts, completion_texts, has_eos.tolist()):
-        ids = encode_prompt(tokenizer, prompt)
-        ids += tokenizer(completion, add_special_tokens=False).input_ids
-        seqs.append(ids + [tokenizer.eos_token_id] if eos else ids)
-    masks = [[1] * len(s) for s in seqs]
-    return {"input_ids": pad(seqs, tokenizer.pad_token_id), "attention_mask": pad(masks, 0)}
+    """Left-padded, so every response starts at the same column and generation appends on the right.
+    The dataset's prompts (strings or messages) come along for the labeller (labeller_texts)."""
+    ids = [p["prompt_ids"] for p in prompts]
+    masks = [[1] * len(p) for p in ids]
+    return {
+        "input_ids": pad(ids, pad_id, "left"),
+        "attention_mask": pad(masks, 0, "left"),
+        "prompt": [p["prompt"] for p in prompts],
+    }
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -527,34 +516,43 @@ class Scorer:
         self.mean = float(getattr(config, "reward_mean", 0.0)) if normalize else 0.0
         self.std = float(getattr(config, "reward_std", 1.0)) if normalize else 1.0
 
-    def texts(self, prompts, prompt_mask, responses, response_mask):
-        """-> (prompt texts, response texts as they read after the prompt), special tokens dropped."""
-        rows = [
-            (p[pm.bool()].tolist(), r[rm.bool()].tolist())
-            for p, pm, r, rm in zip(prompts, prompt_mask, responses, response_mask)
-        ]
-        return (
-            [self.tokenizer.decode(p, skip_special_tokens=True) for p, _ in rows],
-            [decode_response(self.tokenizer, p, r) for p, r in rows],
-        )
+    @staticmethod
+    def rows(prompts, prompt_mask, responses, response_mask, originals) -> list:
+        """-> (dataset prompt, prompt ids, response ids) per sample, padding dropped. `originals`: the
+        dataset's prompts (strings or messages), one per row."""
+        rows = zip(originals, prompts, prompt_mask, responses, response_mask)
+        return [(o, p[pm.bool()].tolist(), r[rm.bool()].tolist()) for o, p, pm, r, rm in rows]
+
+    def texts(self, prompts, prompt_mask, responses, response_mask, originals):
+        """-> (prompt texts, completion texts), as the labeller reads them (labeller_texts)."""
+        rows = self.rows(prompts, prompt_mask, responses, response_mask, originals)
+        texts = [labeller_texts(self.tokenizer, *row) for row in rows]
+        return [p for p, _ in texts], [c for _, c in texts]
 
     @torch.no_grad()
-    def __call__(self, prompts, prompt_mask, responses, response_mask, has_eos) -> torch.Tensor:
+    def __call__(self, prompts, prompt_mask, responses, response_mask, has_eos, originals):
+        sequences = (prompts, prompt_mask, responses, response_mask, originals)
         if self.reward_fn is not None:
-            prompt_texts, completions = self.texts(prompts, prompt_mask, responses, response_mask)
+            prompt_texts, completions = self.texts(*sequences)
             scores = call_reward_fn(self.reward_fn, prompt_texts, completions, has_eos.tolist())
             return torch.tensor(scores, device=self.device)
-        sequences = (prompts, prompt_mask, responses, response_mask, has_eos)
+        sequences = (*sequences, has_eos)
         parts = [slice(i, i + self.chunk) for i in range(0, len(prompts), self.chunk)]
         return torch.cat([self.reward_model_scores(*(t[s] for t in sequences)) for s in parts])
 
-    def reward_model_scores(self, prompts, prompt_mask, responses, response_mask, has_eos):
-        if self.reward_tokenizer is not None:  # a different vocabulary: go through text
-            texts = self.texts(prompts, prompt_mask, responses, response_mask)
-            batch = retokenize(*texts, has_eos, self.reward_tokenizer)
-            input_ids = batch["input_ids"].to(self.device)
-            attention_mask = batch["attention_mask"].to(self.device)
-        else:
+    def reward_model_scores(
+        self, prompts, prompt_mask, responses, response_mask, originals, has_eos
+    ):
+        if self.reward_tokenizer is not None:  # another vocabulary: through the labeller's text
+            samples = self.rows(prompts, prompt_mask, responses, response_mask, originals)
+            finished = has_eos.tolist()
+            seqs = [
+                reward_model_inputs(self.tokenizer, self.reward_tokenizer, *sample, f)
+                for sample, f in zip(samples, finished)
+            ]
+            input_ids = pad(seqs, self.reward_tokenizer.pad_token_id).to(self.device)
+            attention_mask = pad([[1] * len(s) for s in seqs], 0).to(self.device)
+        else:  # the policy's vocabulary: the sampled ids
             input_ids = torch.cat([prompts, responses], 1)
             attention_mask = torch.cat([prompt_mask, response_mask], 1)
         scores = score_tokens(self.reward_model, input_ids, attention_mask)
@@ -594,14 +592,14 @@ def evaluate(accelerator, model, ref_model, scorer, eval_prompts, tokenizer, arg
         logp, ref_logp, _ = rollout_forward(
             accelerator, unwrapped, ref_model, *prompt_and_response, b, 1.0, with_values=False
         )
-        raw_scores = scorer(prompts, prompt_mask, responses, response_mask, has_eos)
+        raw_scores = scorer(*prompt_and_response, has_eos, batch["prompt"])
         # scored as training scores it (the EOS trick), so best/ never keeps a policy that never stops
         scores = apply_missing_eos_penalty(raw_scores, has_eos, args.missing_eos_penalty)
         kl = ((logp - ref_logp) * response_mask).sum(1)
         sums = [scores[:count].sum(), raw_scores[:count].sum(), kl[:count].sum()]
         totals += torch.stack([*sums, kl.new_tensor(float(count))])
         if c == 0 and accelerator.is_main_process:
-            texts = scorer.texts(prompts, prompt_mask, responses, response_mask)
+            texts = scorer.texts(*prompt_and_response, batch["prompt"])
             rows = zip(*texts, scores.tolist(), raw_scores.tolist())
             samples = [
                 {"step": step, "prompt": p, "completion": r, "score": s, "raw_score": raw}
@@ -701,34 +699,6 @@ def check_args(args: Args):
             )
 
 
-def load_reward_tokenizer(args, tokenizer):
-    """The reward model's own tokenizer when its vocabulary differs from the policy's (responses are
-    then decoded and re-tokenized for it); None when it shares the policy's or has none."""
-    name = args.reward_model_name_or_path
-    if not name:
-        return None
-    try:
-        reward_tokenizer = AutoTokenizer.from_pretrained(
-            name, trust_remote_code=args.trust_remote_code
-        )
-    except (OSError, ValueError):
-        print("reward model has no tokenizer of its own: assuming the policy's")
-        return None
-    if same_vocab(reward_tokenizer, tokenizer):
-        return None
-    if reward_tokenizer.eos_token_id is None:
-        raise DataError(
-            f"{name}: its tokenizer differs from the policy's and has no EOS token, so responses "
-            "cannot be re-tokenized for it"
-        )
-    if reward_tokenizer.pad_token_id is None:
-        reward_tokenizer.pad_token = reward_tokenizer.eos_token
-    print(
-        "reward model's tokenizer differs from the policy's: responses are decoded and re-tokenized"
-    )
-    return reward_tokenizer
-
-
 def load_models(args, tokenizer, reward_tokenizer):
     """-> (policy, reference, reward model or None, critic). Policy and critic are trained in fp32
     (mixed precision from --bf16 autocast or DeepSpeed); the frozen reward model loads in bf16 under
@@ -789,7 +759,7 @@ def main(args: Args):
         prompts = to_prompts(load_split(args.dataset_name, args.dataset_config, split), args.filter)
         max_length = args.max_prompt_length + args.max_new_tokens
         kept = tokenize_prompts(prompts, tokenizer, max_length, args.max_prompt_length, split)
-        return [p["prompt_ids"] for p in kept]
+        return kept  # {prompt, prompt_ids}: the labeller reads the dataset's prompt
 
     train_prompts = prompts_of(args.train_split)
     eval_prompts = prompts_of(args.eval_split) if args.eval_split else []
@@ -887,6 +857,7 @@ def main(args: Args):
         model.eval()
         prompts = batch["input_ids"].repeat_interleave(args.samples_per_prompt, 0)
         prompt_mask = batch["attention_mask"].repeat_interleave(args.samples_per_prompt, 0)
+        originals = [p for p in batch["prompt"] for _ in range(args.samples_per_prompt)]
         chunk, pad_id = args.local_rollout_forward_batch_size, tokenizer.pad_token_id
         responses = generate(
             accelerator, unwrapped.policy, prompts, prompt_mask, sampling_config, chunk, pad_id
@@ -899,7 +870,7 @@ def main(args: Args):
             accelerator, unwrapped, ref_model, *sequences, chunk, args.temperature
         )
         with accelerator.autocast():
-            raw_scores = scorer(*sequences, has_eos)
+            raw_scores = scorer(*sequences, has_eos, originals)
         # Tulu 2.5 App. F: the EOS trick
         scores = apply_missing_eos_penalty(raw_scores, has_eos, args.missing_eos_penalty)
         # Tulu 2.5 Eq. 4: clipped score on the last token, KL penalty on every token
@@ -1259,6 +1230,34 @@ def encode_prompt(tokenizer, prompt) -> list:
     if len(ids) > 1 and ids[-1] == eos and not prompt.endswith(str(tokenizer.eos_token)):
         ids = ids[:-1]
     return ids
+
+
+def encode_completion(tokenizer, prompt, completion) -> list:
+    """Completion token ids ending in exactly one EOS, where generation stops, so the model learns to stop
+    (the EOS trick depends on it). A chat template whose end-of-turn token is the EOS (ChatML:
+    '<|im_end|>\\n') already rendered one: cut after it rather than append a second."""
+    chat = isinstance(prompt, list)
+    before = render_chat(tokenizer, prompt, add_generation_prompt=True) if chat else prompt
+    # assistant messages: the text the template adds after the prompt
+    if isinstance(completion, list):
+        after = render_chat(tokenizer, prompt + completion)
+        if not after.startswith(before):
+            raise DataError("chat template renders the prompt differently once a response follows")
+        completion = after[len(before) :]
+    ids = tokenize_after(tokenizer, before, completion)
+    eos = tokenizer.eos_token_id
+    return ids[: len(ids) - ids[::-1].index(eos)] if eos in ids else ids + [eos]
+
+
+def tokenize_after(tokenizer, context: str, text: str) -> list:
+    """Token ids of `text` as it is tokenized after `context` (both tokenized together, the context's ids
+    cut off), as a model reads and writes it. Alone, a SentencePiece text can start differently: a
+    legacy Llama tokenizer turns ' Paris' into '▁', '▁Paris'. Alone only if the two merge at the seam."""
+    head = tokenizer(context, add_special_tokens=False).input_ids
+    both = tokenizer(context + text, add_special_tokens=False).input_ids
+    if both[: len(head)] == head:
+        return both[len(head) :]
+    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def truncate(
@@ -1694,6 +1693,72 @@ def decode_response(tokenizer, prompt_ids: list, response_ids: list) -> str:
     if text.startswith(prompt):
         return text[len(prompt) :]
     return tokenizer.decode(response_ids, skip_special_tokens=True)
+
+
+def same_vocab(tokenizer_a, tokenizer_b) -> bool:
+    return tokenizer_a.get_vocab() == tokenizer_b.get_vocab()
+
+
+def load_reward_tokenizer(args, tokenizer):
+    """The reward model's own tokenizer when its vocabulary differs from the policy's (responses are
+    then decoded and re-tokenized for it, reward_model_inputs); None when it shares the policy's or
+    has none."""
+    name = args.reward_model_name_or_path
+    if not name:
+        return None
+    try:
+        reward_tokenizer = AutoTokenizer.from_pretrained(
+            name, trust_remote_code=args.trust_remote_code
+        )
+    except (OSError, ValueError):
+        print("reward model has no tokenizer of its own: assuming the policy's")
+        return None
+    if same_vocab(reward_tokenizer, tokenizer):
+        return None
+    if reward_tokenizer.eos_token_id is None:
+        raise DataError(
+            f"{name}: its tokenizer differs from the policy's and has no EOS token, so responses "
+            "cannot be re-tokenized for it"
+        )
+    if reward_tokenizer.pad_token_id is None:
+        reward_tokenizer.pad_token = reward_tokenizer.eos_token
+    print(
+        "reward model's tokenizer differs from the policy's: responses are decoded and re-tokenized"
+    )
+    return reward_tokenizer
+
+
+def labeller_texts(tokenizer, prompt, prompt_ids: list, response_ids: list) -> tuple:
+    """What a labeller reads, the same in ppo.py and dpo.py's DPO-Iter: --reward_fn gets these texts,
+    samples.jsonl and pairs.jsonl record them, a reward model with another vocabulary re-tokenizes
+    them (reward_model_inputs). The prompt as the dataset gives it (before max_prompt_length
+    truncation), messages rendered by the policy's chat template with its generation prompt: the text
+    the policy continued. The completion as it reads after that prompt, special tokens dropped
+    (decode_response): an EOS is not in the text, call_reward_fn's `finished` tells.
+    -> (prompt text, completion text)"""
+    if isinstance(prompt, list):
+        prompt = render_chat(tokenizer, prompt, add_generation_prompt=True)
+    return prompt, decode_response(tokenizer, prompt_ids, response_ids)
+
+
+def reward_model_inputs(tokenizer, rm_tokenizer, prompt, prompt_ids, response_ids, finished: bool):
+    """A reward model's token ids for a prompt and a sampled response. rm_tokenizer None (the policy's
+    vocabulary, load_reward_tokenizer): the ids as sampled. Another vocabulary: the labeller_texts in
+    the reward model's tokens, messages in its own chat template where it has one (else as the
+    labeller reads them); the completion tokenized after its prompt (tokenize_after: alone, a legacy
+    SentencePiece text would start with an extra '▁'). A finished response ends in exactly one EOS
+    (encode_completion: with the template's end of turn), an unfinished one in neither (an open turn)."""
+    if rm_tokenizer is None:
+        return prompt_ids + response_ids
+    text, completion = labeller_texts(tokenizer, prompt, prompt_ids, response_ids)
+    chat = isinstance(prompt, list) and rm_tokenizer.chat_template is not None
+    prompt = prompt if chat else text
+    ids = encode_prompt(rm_tokenizer, prompt)
+    if finished:
+        turn = [{"role": "assistant", "content": completion}] if chat else completion
+        return ids + encode_completion(rm_tokenizer, prompt, turn)
+    before = render_chat(rm_tokenizer, prompt, add_generation_prompt=True) if chat else prompt
+    return ids + tokenize_after(rm_tokenizer, before, completion)
 
 
 def apply_missing_eos_penalty(

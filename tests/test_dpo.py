@@ -220,9 +220,9 @@ def test_reward_model_inputs_retokenize_when_vocabularies_differ(tok):
     other.add_tokens(["<extra>"])  # a different vocabulary
     prompt_ids = dpo.encode_prompt(tok, "Q: hi\nA:")
     response = tok(" Paris.", add_special_tokens=False).input_ids + [tok.eos_token_id]
-    # the same vocabulary: the sampled ids as they are
+    # the same vocabulary (load_reward_tokenizer gives None): the sampled ids as they are
     assert (
-        dpo.reward_model_inputs(tok, tok, "Q: hi\nA:", prompt_ids, response, True)
+        dpo.reward_model_inputs(tok, None, "Q: hi\nA:", prompt_ids, response, True)
         == prompt_ids + response
     )
     ids = dpo.reward_model_inputs(tok, other, "Q: hi\nA:", prompt_ids, response, True)

@@ -292,7 +292,9 @@ def test_scorer_reads_the_reward_at_the_last_token_normalized_and_retokenized(
     rm_dir = save_reward_model(tok, tmp_path / "rm", mean=1.5, std=4.0)
     rm = ppo.disable_dropout(AutoModelForSequenceClassification.from_pretrained(rm_dir)).eval()
     prompts = [tok("Q: hi\nA:").input_ids, tok("Q: What is 2 + 2?\nA:").input_ids]
-    batch = ppo.collate_prompts(prompts, tok.pad_token_id)
+    originals = ["Q: hi\nA:", "Q: What is 2 + 2?\nA:"]
+    rows = [{"prompt": t, "prompt_ids": ids} for t, ids in zip(originals, prompts)]
+    batch = ppo.collate_prompts(rows, tok.pad_token_id)
     first = tok(" yes!").input_ids + [
         tok.eos_token_id,
         tok.pad_token_id,
@@ -304,7 +306,9 @@ def test_scorer_reads_the_reward_at_the_last_token_normalized_and_retokenized(
         normalize_reward=True, reward_fn=None, local_rollout_forward_batch_size=1
     )
     scorer = ppo.Scorer(args, tok, torch.device("cpu"), rm)
-    scores = scorer(batch["input_ids"], batch["attention_mask"], responses, mask, has_eos)
+    scores = scorer(
+        batch["input_ids"], batch["attention_mask"], responses, mask, has_eos, originals
+    )
     with torch.no_grad():
         for b in range(2):  # score the unpadded sequence on its own: the head at its final token
             ids = prompts[b] + responses[b][mask[b].bool()].tolist()
@@ -327,13 +331,15 @@ def test_scorer_reads_the_reward_at_the_last_token_normalized_and_retokenized(
         other_rm,
         other,
     )
-    scores = scorer(batch["input_ids"], batch["attention_mask"], responses, mask, has_eos)
+    scores = scorer(
+        batch["input_ids"], batch["attention_mask"], responses, mask, has_eos, originals
+    )
     with torch.no_grad():
         for b, (prompt, completion) in enumerate(
             [("Q: hi\nA:", " yes!"), ("Q: What is 2 + 2?\nA:", None)]
         ):
             completion = completion or tok.decode(responses[1].tolist())
-            ids = other(prompt).input_ids + other(completion, add_special_tokens=False).input_ids
+            ids = other(prompt).input_ids + ppo.tokenize_after(other, prompt, completion)
             ids += [other.eos_token_id] if has_eos[b] else []
             raw = ppo.score_tokens(
                 other_rm, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)
@@ -619,11 +625,13 @@ def test_checkpoint_generation_config_does_not_leak_into_sampling(
     policy = ppo.load_pretrained(AutoModelForCausalLM, str(policy_dir), torch.float32, False)
     assert policy.generation_config.repetition_penalty == 1.3
     policy.generation_config = ppo.generation_config(tok, 12, True, 0.7, 0, 1.0)  # as main() does
+    texts = ["Q: Say hello.\nA:", "Q: hi\nA:"]
     batch = ppo.collate_prompts(
-        [tok("Q: Say hello.\nA:").input_ids, tok("Q: hi\nA:").input_ids], tok.pad_token_id
+        [{"prompt": t, "prompt_ids": tok(t).input_ids} for t in texts], tok.pad_token_id
     )
     torch.manual_seed(0)
-    out = policy.generate(**batch, generation_config=policy.generation_config, output_scores=True,
+    out = policy.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          generation_config=policy.generation_config, output_scores=True,
                           return_dict_in_generate=True)  # fmt: skip
     sampled = torch.stack(out.scores, 1).log_softmax(
         -1

@@ -259,5 +259,7 @@ def test_reward_function_sees_a_sentencepiece_response_with_its_leading_space():
         "cpu",
         reward_fn=len,
     )
-    texts = scorer.texts(prompts, prompts != pad, responses, responses != pad)
+    texts = scorer.texts(
+        prompts, prompts != pad, responses, responses != pad, ["Capital of France?"]
+    )
     assert texts == (["Capital of France?"], [" Paris."])

@@ -21,7 +21,8 @@ SHARED = [
     "RESUME_MAY_CHANGE", "on_main", "prepare_output_dir", "save_model", "save_checkpoint", "find_checkpoint",
     "load_checkpoint", "prepare_frozen", "check_reward_model", "load_reward_fn", "call_reward_fn",
     "apply_missing_eos_penalty", "to_prompts", "tokenize_prompts", "decode_response", "tokenize_after",
-    "describe_run", "lr_schedule", "keep_rows_up_to",
+    "describe_run", "lr_schedule", "keep_rows_up_to", "same_vocab", "load_reward_tokenizer",
+    "labeller_texts", "reward_model_inputs",
 ]  # fmt: skip
 
 

@@ -178,9 +178,10 @@ def test_quick_runs_every_stage_into_a_temporary_directory():
                     method,
                 )
             assert body["methods"]["sft"]["kl_to_sft"] == [0.0]
-            # every preference stage changed the policy (no run is a silent no-op, e.g. at lr 0)
+            # every preference stage changed the policy (no run is a silent no-op, e.g. at lr 0):
+            # the sampled KL estimate to SFT is exactly 0 only for SFT's own weights
             for method in ("dpo", "dpo_iter", "ppo"):
-                assert body["methods"][method]["kl_to_sft"][0] > 0, (arm, method)
+                assert body["methods"][method]["kl_to_sft"][0] != 0.0, (arm, method)
         assert set(results["ablation"]) == {"baseline", "adv_norm", "large_batch", "ref_ema"}
         assert all(
             set(v) == {"gold_sampled"} and len(v["gold_sampled"]) == 1
