@@ -482,9 +482,15 @@ def collate_pairs(pairs: list, pad_id: int) -> dict:
     return batch
 
 
-def pair_loader(pairs: list, batch_size: int, pad_id: int, shuffle: bool = False):
+def pair_loader(pairs: list, batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0):
     collate = lambda batch: collate_pairs(batch, pad_id)
-    return torch.utils.data.DataLoader(pairs, batch_size, shuffle=shuffle, collate_fn=collate)
+    # Its own generator: torch draws a seed from it for each new iterator (a resume mid-epoch
+    # makes one more), not from the global RNG of sampling and dropout. The order comes from
+    # accelerate's seedable sampler, which reseeds it with seed + epoch.
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        pairs, batch_size, shuffle=shuffle, collate_fn=collate, generator=generator
+    )
 
 
 # ---- training and evaluation ----
@@ -542,7 +548,7 @@ def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list,
         policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
     )
     pad_id = tokenizer.pad_token_id
-    train_loader = pair_loader(train, args.per_device_train_batch_size, pad_id, shuffle=True)
+    train_loader = pair_loader(train, args.per_device_train_batch_size, pad_id, True, args.seed)
     eval_loader = pair_loader(evals, args.per_device_eval_batch_size, pad_id)
     # one optimizer step = per_device batch x processes x ga; accelerate shards the loader
     ga = args.gradient_accumulation_steps

@@ -769,6 +769,10 @@ def main(args: Args):
         shuffle=True,
         drop_last=True,
         collate_fn=lambda b: collate_prompts(b, tokenizer.pad_token_id),
+        # Its own generator: torch draws a seed from it for each new iterator (a resume mid-epoch
+        # makes one more), not from the global RNG of sampling and dropout. The order comes from
+        # accelerate's seedable sampler, which reseeds it with seed + epoch.
+        generator=torch.Generator().manual_seed(args.seed),
     )
     iters_per_epoch = len(train_prompts) // sizes["prompts_per_iteration"]
     if iters_per_epoch == 0:

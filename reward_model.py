@@ -410,7 +410,14 @@ def main(args: Args):
         evals or train, batch_size=args.per_device_eval_batch_size, collate_fn=collate
     )
     train_loader = train and torch.utils.data.DataLoader(
-        train, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collate
+        train,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        # Its own generator: torch draws a seed from it for each new iterator (a resume mid-epoch
+        # makes one more), not from the global RNG of sampling and dropout. The order comes from
+        # accelerate's seedable sampler, which reseeds it with seed + epoch.
+        generator=torch.Generator().manual_seed(args.seed),
     )
     if train and math.ceil(len(train_loader) / accelerator.num_processes) < ga:
         raise DataError(

@@ -374,7 +374,14 @@ def main(args: Args):
     evals = load_and_tokenize(args.eval_split, "eval") if args.eval_split else []
     collate = lambda examples: collate_sft(examples, tokenizer.pad_token_id)
     train_loader = torch.utils.data.DataLoader(
-        train, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collate
+        train,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        # Its own generator: torch draws a seed from it for each new iterator (a resume mid-epoch
+        # makes one more), not from the global RNG of sampling and dropout. The order comes from
+        # accelerate's seedable sampler, which reseeds it with seed + epoch.
+        generator=torch.Generator().manual_seed(args.seed),
     )
     eval_loader = torch.utils.data.DataLoader(
         evals, batch_size=args.per_device_eval_batch_size, collate_fn=collate

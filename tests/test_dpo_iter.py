@@ -4,6 +4,7 @@ reward model; the second iteration's reference is the first iteration's trained 
 import json
 import shutil
 
+import pytest
 import torch
 from conftest import build_config, build_tokenizer
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -111,6 +112,12 @@ def test_dpo_iter_with_reward_function(
     w_resumed = weights(resumed / "iter_2")
     assert max((w_resumed[k] - w_iter2[k]).abs().max().item() for k in w_resumed) <= 1e-5
     assert [r["iteration"] for r in iteration_rows(metrics(resumed))] == [2]
+
+    def timeless(row):
+        return {k: v for k, v in row.items() if not k.endswith("_per_second")}
+
+    for a, b in zip(rows[rows.index(iters[1]) :], metrics(resumed), strict=True):  # iteration 2 on
+        assert timeless(b) == pytest.approx(timeless(a), abs=1e-6)
 
 
 def test_dpo_iter_with_reward_model_of_another_tokenizer(

@@ -425,11 +425,19 @@ def test_learns_with_a_trained_reward_model(tiny_model, reward_file, run_script,
 def test_resume_continues_the_same_run(
     tiny_model, data_files, reward_file, run_script, metrics, weights, tmp_path
 ):
+    """A resume mid-epoch (8 prompts, 2 per iteration: 4 iterations per epoch; checkpoint at 2)
+    continues with the same prompts and the same sampling noise as the uninterrupted run."""
     common = (
         "--reward_fn",
         f"{reward_file}:count_bang",
         "--num_iterations",
         4,
+        "--per_device_prompt_batch_size",
+        2,
+        "--per_device_train_batch_size",
+        4,
+        "--local_rollout_forward_batch_size",
+        8,
         "--learning_rate",
         1e-3,
         "--critic_learning_rate",
@@ -452,19 +460,16 @@ def test_resume_continues_the_same_run(
         ),
     )
     assert "resumed from" in proc.stdout + proc.stderr
-    a = [r for r in metrics(full) if r["step"] > 2]
     b = metrics(resumed)
     assert [r["step"] for r in b] == [3, 4]
-    for ra, rb in zip(a, b):
-        for name in (
-            "objective/scores",
-            "objective/kl",
-            "loss/policy",
-            "loss/value",
-            "episode",
-            "lr",
-        ):
-            assert rb[name] == pytest.approx(ra[name], rel=1e-4, abs=1e-6), name
+
+    def timeless(row):
+        return {
+            k: v for k, v in row.items() if k != "eps" and not k.startswith(("time/", "memory/"))
+        }
+
+    for ra, rb in zip([r for r in metrics(full) if r["step"] > 2], b, strict=True):
+        assert timeless(rb) == pytest.approx(timeless(ra), rel=1e-6, abs=1e-6)
     wa, wb = weights(full), weights(resumed)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 

@@ -524,6 +524,7 @@ def test_a_one_step_run_with_the_default_warmup_learns(
 def test_resume_matches_uninterrupted_run(
     tiny_model, data_files, run_script, weights, metrics, tmp_path
 ):
+    """8 examples, 3 per step: 3 steps per epoch; the resume from step 4 starts mid-epoch."""
     common = [
         "--model_name_or_path",
         tiny_model,
@@ -536,7 +537,7 @@ def test_resume_matches_uninterrupted_run(
         "--learning_rate",
         1e-3,
         "--save_steps",
-        3,
+        2,
         "--logging_steps",
         1,
         "--seed",
@@ -553,13 +554,13 @@ def test_resume_matches_uninterrupted_run(
     full = tmp_path / "full"
     run_script("sft.py", *common, "--output_dir", full)
     # our own state is JSON (scheduler included); nothing of ours is pickled
-    ckpt = full / "checkpoints" / "step_3"
+    ckpt = full / "checkpoints" / "step_4"
     assert "scheduler" in json.loads((ckpt / "step.json").read_text())
     assert not list(ckpt.glob("custom_checkpoint_*"))
-    # a run killed after logging step 6: its last complete checkpoint (step 3), a half-written one that
-    # must be ignored (step_5.tmp), and metrics/samples rows of steps 4-6 that the resume re-runs
+    # a run killed after logging step 6: its last complete checkpoint (step 4), a half-written one that
+    # must be ignored (step_5.tmp), and metrics/samples rows of steps 5-6 that the resume re-runs
     resumed = tmp_path / "resumed"
-    shutil.copytree(ckpt, resumed / "checkpoints" / "step_3")
+    shutil.copytree(ckpt, resumed / "checkpoints" / "step_4")
     (resumed / "checkpoints" / "step_5.tmp").mkdir()
     (resumed / "checkpoints" / "step_5.tmp" / "step.json").write_text('{"step": 5}')
     for name in ["args.json", "metrics.jsonl", "samples.jsonl"]:
@@ -568,7 +569,7 @@ def test_resume_matches_uninterrupted_run(
         "sft.py", *common, "--output_dir", resumed, "--resume_from_checkpoint", "latest"
     )
     assert "resumed from" in proc.stdout + proc.stderr
-    assert max_diff(weights(full), weights(resumed)) <= 1e-5
+    assert max_diff(weights(full), weights(resumed)) <= 1e-6
     # every step once, with the uninterrupted run's values
     assert [r["step"] for r in metrics(resumed)] == [r["step"] for r in metrics(full)]
 
@@ -576,11 +577,15 @@ def test_resume_matches_uninterrupted_run(
         return [{k: v for k, v in r.items() if k != "train/tokens_per_second"} for r in rows]
 
     for a, b in zip(timeless(metrics(full)), timeless(metrics(resumed))):
-        assert b == pytest.approx(a, abs=1e-5)
-    samples = [
-        json.loads(line)["step"] for line in (resumed / "samples.jsonl").read_text().splitlines()
-    ]
-    assert samples == [3, 6]
+        assert b == pytest.approx(a, abs=1e-6)
+    epoch = next(r["epoch"] for r in metrics(full) if r["step"] == 4 and "epoch" in r)
+    assert epoch == pytest.approx(4 / 3)  # the checkpoint is one step into the second epoch
+
+    def samples(run):
+        return [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+
+    assert [s["step"] for s in samples(resumed)] == [3, 6]
+    assert samples(resumed) == samples(full)
 
 
 # ---- in-process runs: dtypes, dropout, sampling, non-finite loss, output_dir ----
