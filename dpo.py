@@ -459,8 +459,11 @@ def tokenize_preference(ds, tokenizer, max_length: int, max_prompt_length: int |
     tokens (as given, or once truncated) carry no signal (zero gradient, scored as wrong): dropped
     and counted, as reward_model.py does."""
     pairs, n_truncated, n_dropped, n_identical = [], 0, 0, 0
+    # A prompt that tokenizes to nothing (empty, no BOS added) gets BOS (or EOS) as context, so the
+    # response's first token is scored too (logits[:, t] predicts token t + 1), as in sft.py.
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     for row in ds:
-        prompt_ids = encode_prompt(tokenizer, row["prompt"])
+        prompt_ids = encode_prompt(tokenizer, row["prompt"]) or [start]
         c, r = (encode_completion(tokenizer, row["prompt"], row[k]) for k in ("chosen", "rejected"))
         out = make_pair(prompt_ids, c, r, max_length, max_prompt_length)
         if out is None:
