@@ -432,9 +432,9 @@ def test_identical_pairs_are_dropped_and_counted(tok, capsys):
 
 
 def test_an_empty_prompt_still_scores_the_first_response_token(tok, tiny_model):
-    """With no prompt and a tokenizer that adds no BOS, the response's first token had no position to
-    be predicted from and was never scored (a one-token preference was scored on its EOS alone). BOS
-    is the context, so log pi(y|x) sums every response token given BOS, as in sft.py."""
+    """With no prompt and a tokenizer that adds no BOS, the response's first token had no position
+    to be predicted from and was never scored (a one-token preference was scored on its EOS alone).
+    BOS is the context, so log pi(y|x) sums every response token given BOS, as in sft.py."""
     assert tok("").input_ids == []  # this tokenizer adds no BOS
     ds = dpo.Dataset.from_list([{"prompt": "", "chosen": " yes", "rejected": " no"}])
     (pair,) = dpo.tokenize_preference(ds, tok, 64, None, "train")
