@@ -147,7 +147,7 @@ class Args:
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
     bf16: bool = False
-    """bfloat16 mixed precision (the policy's weights stay float32; reference and reward model load in bf16)"""
+    """bfloat16 mixed precision (the policy's weights stay float32, and so does a reference that is its own checkpoint; another reference and the reward model load in bf16)"""
     gradient_checkpointing: bool = False
     """trade compute for memory by recomputing activations"""
     # ---- logging, evaluation, saving ----
@@ -754,9 +754,15 @@ def load_policy(args, path: str):
     return model
 
 
-def load_frozen(args, accelerator, cls, path: str):
-    """A frozen model (reference, reward model): bfloat16 under --bf16; ZeRO-3 gives it an engine"""
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+def load_frozen(args, accelerator, cls, path: str, policy_copy: bool = False):
+    """A frozen model (reference, reward model): bfloat16 under --bf16; ZeRO-3 gives it an engine.
+    policy_copy (the reference is the checkpoint the policy starts from): the policy's own weight
+    dtype, float32 under --bf16 autocast (bf16 under DeepSpeed, whose bf16 casts the policy's
+    module), so step 0 is an exact identity, every margin 0; a bf16 copy under autocast rounds
+    norms, embeddings and the residual stream differently. It costs 2x a bf16 reference's memory
+    (with --precompute_ref_logps it is freed before the policy loads)."""
+    bf16 = args.bf16 and (not policy_copy or accelerator.state.deepspeed_plugin is not None)
+    dtype = torch.bfloat16 if bf16 else torch.float32
     return prepare_frozen(accelerator, load_pretrained(cls, path, dtype, args.trust_remote_code))
 
 
@@ -884,7 +890,8 @@ def main(args: Args):
             log.log({**metrics, "objective/scores": stats["scores_mean"]}, step)
         # ---- update: DPO on this iteration's pairs ----
         t0 = time.time()
-        ref_model = load_frozen(args, accelerator, AutoModelForCausalLM, ref_at)
+        same = ref_at == policy_path  # the policy's start: step 0 is an identity in any precision
+        ref_model = load_frozen(args, accelerator, AutoModelForCausalLM, ref_at, same)
         if args.precompute_ref_logps:
             # the reference runs once over the pairs and is freed: one model at a time
             for pairs in (train_pairs, eval_pairs):

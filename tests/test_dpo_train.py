@@ -341,8 +341,9 @@ def test_deepspeed_zero(
     assert all(torch.isfinite(p).all() for p in model.parameters())
     evals = [r for r in metrics(out) if "eval/rewards/margins" in r]
     assert len(evals) == 2 and all(math.isfinite(r["eval/loss"]) for r in evals)
-    if not bf16:  # a reference in fp32 equal to the policy: step-0 margins exactly 0
-        assert evals[0]["eval/rewards/margins"] == 0.0
+    # the reference is the policy's checkpoint in the policy's dtype (DeepSpeed's bf16 casts the
+    # policy's module to bf16, and the reference loads in bf16): step-0 margins exactly 0
+    assert evals[0]["eval/rewards/margins"] == 0.0
     if mode == "iter":
         assert json.loads((out / "iter_1" / "iteration.json").read_text())["pairs"] > 0
     if stage == 3 and not bf16 and mode != "iter":
@@ -375,6 +376,47 @@ def test_deepspeed_config_with_other_accumulation_is_refused(
     assert proc.returncode != 0
     errors = {line for line in proc.stderr.splitlines() if line.startswith("error:")}
     assert len(errors) == 1 and "gradient_accumulation_steps=2" in errors.pop(), proc.stderr[-2000:]
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state: a --bf16 run in this process needs it reset (and after)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_bf16_step0_is_an_exact_identity(
+    precompute, fresh_accelerator_state, tiny_model, data_files, metrics, tmp_path
+):
+    """--bf16 autocasts a float32 policy; its reference, the same checkpoint, loads in float32 too
+    (a bf16 copy gave step-0 margins of ~2e-4 and accuracy 0.4): before any update the two give the
+    same log-probs, every margin exactly 0, in the step-0 eval and in the first step's (pre-update)
+    train statistics, with a live and with a precomputed reference. In-process."""
+    out = tmp_path / "out"
+    dpo.main(
+        dpo.Args(
+            model_name_or_path=tiny_model,
+            dataset_name=data_files["preference"],
+            eval_split="train[:5]",
+            max_steps=1,
+            per_device_train_batch_size=3,
+            per_device_eval_batch_size=2,
+            logging_steps=1,
+            save_steps=0,
+            bf16=True,
+            precompute_ref_logps=precompute,
+            output_dir=str(out),
+        )
+    )
+    start_eval, first_train = metrics(out)[:2]
+    assert start_eval["step"] == 0 and first_train["step"] == 1 and "train/loss" in first_train
+    for row, prefix in ((start_eval, "eval/"), (first_train, "")):
+        rewards = [row[f"{prefix}rewards/{k}"] for k in ("chosen", "rejected", "margins")]
+        assert rewards == [0.0, 0.0, 0.0] and row[f"{prefix}rewards/accuracies"] == 0.0, row
 
 
 def test_bf16_checkpoint_trains_in_float32(tiny_model_bf16, data_files, weights, tmp_path):
