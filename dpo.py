@@ -101,7 +101,7 @@ class Args:
     eval_only: bool = False
     """evaluate the policy against its reference on eval_split, write the eval/ metrics, and stop"""
     eval_on_start: bool = True
-    """also evaluate before the first step (the baseline: policy = reference, every margin 0)"""
+    """also evaluate before the first step (the baseline: policy = reference, every margin 0; DPO-Iter: before iteration 1)"""
     # ---- DPO-Iter (paper Sec. 4.3) ----
     iterations: int = 1
     """DPO-Iter rounds of sample -> label -> train (> 1 needs a reward model or a reward function)"""
@@ -603,7 +603,9 @@ def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list,
         state = load_checkpoint(accelerator, resume_from)
         scheduler.load_state_dict(state["scheduler"])
         done = state["step"] - start
-    if evals and args.eval_on_start and done == 0:
+    # One eval row per step: a later DPO-Iter iteration starts at the step the previous one ended
+    # with an evaluation (of what it trained), so its own baseline (policy = reference) is skipped.
+    if evals and args.eval_on_start and done == 0 and start == 0:
         log.log(evaluate(accelerator, policy, ref_model, eval_loader, args), start)
 
     # ---- the training loop: one optimizer step per ga micro-batches ----

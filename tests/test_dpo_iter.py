@@ -17,19 +17,21 @@ def iteration_rows(rows):
 
 def check_reference_chain(out, initial, rows):
     """Iteration 1's reference is the initial policy; iteration 2's is iteration 1's saved policy. Seen
-    in the outputs: each iteration's first evaluation (step 0 of that iteration, on its own sampled eval
-    pairs) has every margin exactly 0, which holds only when the reference IS the policy being trained;
-    and the last evaluation of iteration 1 is not 0 (it trained), so iteration 2 did not reuse the initial
-    policy as its reference."""
+    in the outputs: each iteration's first train row (logging_steps 1: the forward before its first
+    update) has every implicit reward exactly 0, which holds only when the reference IS the policy
+    being trained; and the last evaluation of iteration 1 is not 0 (it trained), so iteration 2 did
+    not reuse the initial policy as its reference. One eval row per step: iteration 2 starts at step 2,
+    which iteration 1's final evaluation holds, and adds no baseline evaluation of its own there."""
     info = [json.loads((out / f"iter_{k}" / "iteration.json").read_text()) for k in (1, 2)]
     assert info[0]["reference"] == str(initial) and info[1]["reference"] == str(out / "iter_1")
+    evals = [r for r in rows if "eval/rewards/margins" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert evals[0]["eval/rewards/margins"] == 0.0 and evals[1]["eval/rewards/margins"] != 0.0
     firsts = [
-        rows[i + 1] for i, r in enumerate(rows) if "iteration" in r
-    ]  # the eval right after each label
-    assert [("eval/rewards/margins" in r, r["step"]) for r in firsts] == [(True, 0), (True, 2)]
-    assert all(r["eval/rewards/margins"] == 0.0 and r["eval/rewards/chosen"] == 0.0 for r in firsts)
-    last_of_first = next(r for r in rows if "eval/rewards/margins" in r and r["step"] == 2)
-    assert last_of_first["eval/rewards/margins"] != 0.0
+        r for r in rows if "train/loss" in r and r["step"] in (1, 3)
+    ]  # each iteration's first
+    assert len(firsts) == 2
+    assert all(r["rewards/margins"] == 0.0 and r["rewards/chosen"] == 0.0 for r in firsts), firsts
     return info
 
 
@@ -156,6 +158,8 @@ def test_dpo_iter_with_reward_model_of_another_tokenizer(
         "--warmup_ratio",
         0,
         "--precompute_ref_logps",
+        "--logging_steps",
+        1,
         "--output_dir",
         out,
     )
