@@ -104,7 +104,7 @@ class Args:
     """also evaluate before the first step (the baseline: policy = reference, every margin 0; DPO-Iter: before iteration 1)"""
     # ---- DPO-Iter (paper Sec. 4.3) ----
     iterations: int = 1
-    """DPO-Iter rounds of sample -> label -> train (> 1 needs a reward model or a reward function)"""
+    """DPO-Iter rounds of sample -> label -> train (> 1 needs a reward model or a reward function; a resume may raise it)"""
     reward_model_name_or_path: str | None = None
     """reward model (a reward_model.py checkpoint) that labels sampled responses: turns on DPO-Iter"""
     reward_fn: str | None = None
@@ -162,7 +162,7 @@ class Args:
     save_steps: int = 500
     """write a resumable checkpoint every this many optimizer steps (0: never; DPO-Iter saves iter_K instead)"""
     resume_from_checkpoint: str | None = None
-    """'latest' or a path to output_dir/checkpoints/step_N (DPO-Iter: 'latest' restarts after the last saved iter_K)"""
+    """'latest' or a path to output_dir/checkpoints/step_N (DPO-Iter: 'latest' restarts after the last saved iter_K, also to extend a finished run with more --iterations)"""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     """experiment tracker (its package must be installed)"""
 
@@ -1351,8 +1351,9 @@ class MetricsLog:
 
 
 RESUME_MAY_CHANGE = {  # the step budget and logging; a moved or copied run directory still resumes
-    "max_steps", "num_train_epochs", "num_iterations", "total_episodes", "logging_steps", "eval_steps",
-    "save_steps", "resume_from_checkpoint", "overwrite_output_dir", "report_to", "output_dir",
+    "max_steps", "num_train_epochs", "num_iterations", "total_episodes", "iterations", "logging_steps",
+    "eval_steps", "save_steps", "resume_from_checkpoint", "overwrite_output_dir", "report_to",
+    "output_dir",
 }  # fmt: skip
 
 

@@ -1,5 +1,6 @@
 """dpo.py DPO-Iter (paper Sec. 4.3): sample -> label -> DPO for 2 iterations, with a reward function and with a
-reward model; the second iteration's reference is the first iteration's trained policy."""
+reward model; the second iteration's reference is the first iteration's trained policy; a finished run
+extended with more --iterations."""
 
 import json
 import shutil
@@ -50,8 +51,6 @@ def test_dpo_iter_with_reward_function(
         data_files["prompts"],
         "--eval_split",
         "train[:4]",
-        "--iterations",
-        2,
         "--reward_fn",
         f"{tmp_path / 'reward.py'}:score",
         "--samples_per_prompt",
@@ -74,7 +73,7 @@ def test_dpo_iter_with_reward_function(
         4,
     ]
     out = tmp_path / "out"
-    proc = run_script("dpo.py", *common, "--output_dir", out)
+    proc = run_script("dpo.py", *common, "--iterations", 2, "--output_dir", out)
     rows = metrics(out)
     iters = iteration_rows(rows)
     assert [(r["iteration"], r["step"]) for r in iters] == [(1, 0), (2, 2)]  # global steps continue
@@ -103,16 +102,21 @@ def test_dpo_iter_with_reward_function(
         torch.equal(w_final[k], w_iter2[k]) for k in w_final
     )  # the final policy is iteration 2's
 
-    # Resume after iteration 1: iteration 2 starts from (and is referenced to) the saved iter_1 policy.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(out / "iter_1", resumed / "iter_1")
-    proc = run_script(
-        "dpo.py", *common, "--output_dir", resumed, "--resume_from_checkpoint", "latest"
-    )
+    # A finished 1-iteration run resumed with --iterations 2 runs iteration 2 only, from (and referenced
+    # to) its saved iter_1, its steps and metrics continuing: it ends where the 2-iteration run does.
+    extended = tmp_path / "extended"
+    run_script("dpo.py", *common, "--iterations", 1, "--output_dir", extended)
+    resume = ["--iterations", 2, "--resume_from_checkpoint", "latest"]
+    proc = run_script("dpo.py", *common, *resume, "--output_dir", extended)
     assert "resumed after iteration 1 (step 2)" in proc.stdout
-    w_resumed = weights(resumed / "iter_2")
-    assert max((w_resumed[k] - w_iter2[k]).abs().max().item() for k in w_resumed) <= 1e-5
-    assert [r["iteration"] for r in iteration_rows(metrics(resumed))] == [2]
+    assert proc.stdout.count("iteration 2 train:") == 1 and "iteration 1 train:" not in proc.stdout
+    w_extended = weights(extended / "iter_2")
+    assert max((w_extended[k] - w_iter2[k]).abs().max().item() for k in w_extended) <= 1e-5
+    rows_extended = metrics(extended)
+    assert [(r["step"], sorted(r)) for r in rows_extended] == [(r["step"], sorted(r)) for r in rows]
+    assert [r["iteration"] for r in iteration_rows(rows_extended)] == [1, 2]
+    check_reference_chain(extended, tiny_model, rows_extended)
+    assert json.loads((extended / "args.json").read_text())["iterations"] == 2
 
 
 def test_dpo_iter_with_reward_model_of_another_tokenizer(
