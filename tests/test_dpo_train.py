@@ -388,33 +388,41 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-@pytest.mark.parametrize("precompute", [False, True])
+@pytest.mark.parametrize("mode", ["live", "pre", "iter"])
 def test_bf16_step0_is_an_exact_identity(
-    precompute, fresh_accelerator_state, tiny_model, data_files, metrics, tmp_path
+    mode, fresh_accelerator_state, tiny_model, data_files, metrics, tmp_path
 ):
     """--bf16 autocasts a float32 policy; its reference, the same checkpoint, loads in float32 too
     (a bf16 copy gave step-0 margins of ~2e-4 and accuracy 0.4): before any update the two give the
-    same log-probs, every margin exactly 0, in the step-0 eval and in the first step's (pre-update)
-    train statistics, with a live and with a precomputed reference. In-process."""
+    same log-probs, every reward exactly 0, in the step-0 eval and in each first step's (pre-update)
+    train statistics: live and precomputed reference, and DPO-Iter's iteration 2, whose reference
+    is iteration 1's policy. In-process, one step per iteration."""
+    (tmp_path / "r.py").write_text("def score(p, c):\n    return [float(len(x)) for x in c]\n")
+    iterate = {"reward_fn": f"{tmp_path / 'r.py'}:score", "iterations": 2, "samples_per_prompt": 2}
     out = tmp_path / "out"
     dpo.main(
         dpo.Args(
             model_name_or_path=tiny_model,
-            dataset_name=data_files["preference"],
+            dataset_name=data_files["prompts" if mode == "iter" else "preference"],
+            train_split="train[:4]" if mode == "iter" else "train",
             eval_split="train[:5]",
             max_steps=1,
             per_device_train_batch_size=3,
             per_device_eval_batch_size=2,
+            max_new_tokens=4,
             logging_steps=1,
             save_steps=0,
             bf16=True,
-            precompute_ref_logps=precompute,
+            precompute_ref_logps=mode == "pre",
             output_dir=str(out),
+            **(iterate if mode == "iter" else {}),
         )
     )
-    start_eval, first_train = metrics(out)[:2]
-    assert start_eval["step"] == 0 and first_train["step"] == 1 and "train/loss" in first_train
-    for row, prefix in ((start_eval, "eval/"), (first_train, "")):
+    rows = metrics(out)
+    start_eval = next(r for r in rows if "eval/loss" in r)
+    firsts = [r for r in rows if "train/loss" in r]  # one step per iteration: pre-update
+    assert start_eval["step"] == 0 and len(firsts) == (2 if mode == "iter" else 1)
+    for row, prefix in ((start_eval, "eval/"), *((r, "") for r in firsts)):
         rewards = [row[f"{prefix}rewards/{k}"] for k in ("chosen", "rejected", "margins")]
         assert rewards == [0.0, 0.0, 0.0] and row[f"{prefix}rewards/accuracies"] == 0.0, row
 
