@@ -101,10 +101,10 @@ class Args:
     eval_only: bool = False
     """evaluate the policy against its reference on eval_split, write the eval/ metrics, and stop"""
     eval_on_start: bool = True
-    """also evaluate before the first step (the baseline: policy = reference, every margin 0)"""
+    """also evaluate before the first step (the baseline: policy = reference, every margin 0; DPO-Iter: before iteration 1)"""
     # ---- DPO-Iter (paper Sec. 4.3) ----
     iterations: int = 1
-    """DPO-Iter rounds of sample -> label -> train (> 1 needs a reward model or a reward function)"""
+    """DPO-Iter rounds of sample -> label -> train (> 1 needs a reward model or a reward function; a resume may raise it)"""
     reward_model_name_or_path: str | None = None
     """reward model (a reward_model.py checkpoint) that labels sampled responses: turns on DPO-Iter"""
     reward_fn: str | None = None
@@ -147,7 +147,7 @@ class Args:
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
     bf16: bool = False
-    """bfloat16 mixed precision (the policy's weights stay float32; reference and reward model load in bf16)"""
+    """bfloat16 mixed precision (the policy's weights stay float32, and so does a reference that is its own checkpoint; another reference and the reward model load in bf16)"""
     gradient_checkpointing: bool = False
     """trade compute for memory by recomputing activations"""
     # ---- logging, evaluation, saving ----
@@ -162,7 +162,7 @@ class Args:
     save_steps: int = 500
     """write a resumable checkpoint every this many optimizer steps (0: never; DPO-Iter saves iter_K instead)"""
     resume_from_checkpoint: str | None = None
-    """'latest' or a path to output_dir/checkpoints/step_N (DPO-Iter: 'latest' restarts after the last saved iter_K)"""
+    """'latest' or a path to output_dir/checkpoints/step_N (DPO-Iter: 'latest' restarts after the last saved iter_K, also to extend a finished run with more --iterations)"""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     """experiment tracker (its package must be installed)"""
 
@@ -438,8 +438,11 @@ def tokenize_preference(ds, tokenizer, max_length: int, max_prompt_length: int |
     tokens (as given, or once truncated) carry no signal (zero gradient, scored as wrong): dropped
     and counted, as reward_model.py does."""
     pairs, n_truncated, n_dropped, n_identical = [], 0, 0, 0
+    # A prompt that tokenizes to nothing (empty, no BOS added) gets BOS (or EOS) as context, so the
+    # response's first token is scored too (logits[:, t] predicts token t + 1), as in sft.py.
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     for row in ds:
-        prompt_ids = encode_prompt(tokenizer, row["prompt"])
+        prompt_ids = encode_prompt(tokenizer, row["prompt"]) or [start]
         c, r = (encode_completion(tokenizer, row["prompt"], row[k]) for k in ("chosen", "rejected"))
         out = make_pair(prompt_ids, c, r, max_length, max_prompt_length)
         if out is None:
@@ -584,7 +587,9 @@ def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list,
         state = load_checkpoint(accelerator, resume_from)
         scheduler.load_state_dict(state["scheduler"])
         done = state["step"] - start
-    if evals and args.eval_on_start and done == 0:
+    # One eval row per step: a later DPO-Iter iteration starts at the step the previous one ended
+    # with an evaluation (of what it trained), so its own baseline (policy = reference) is skipped.
+    if evals and args.eval_on_start and done == 0 and start == 0:
         log.log(evaluate(accelerator, policy, ref_model, eval_loader, args), start)
 
     # ---- the training loop: one optimizer step per ga micro-batches ----
@@ -735,9 +740,15 @@ def load_policy(args, path: str):
     return model
 
 
-def load_frozen(args, accelerator, cls, path: str):
-    """A frozen model (reference, reward model): bfloat16 under --bf16; ZeRO-3 gives it an engine"""
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+def load_frozen(args, accelerator, cls, path: str, policy_copy: bool = False):
+    """A frozen model (reference, reward model): bfloat16 under --bf16; ZeRO-3 gives it an engine.
+    policy_copy (the reference is the checkpoint the policy starts from): the policy's own weight
+    dtype, float32 under --bf16 autocast (bf16 under DeepSpeed, whose bf16 casts the policy's
+    module), so step 0 is an exact identity, every margin 0; a bf16 copy under autocast rounds
+    norms, embeddings and the residual stream differently. It costs 2x a bf16 reference's memory
+    (with --precompute_ref_logps it is freed before the policy loads)."""
+    bf16 = args.bf16 and (not policy_copy or accelerator.state.deepspeed_plugin is not None)
+    dtype = torch.bfloat16 if bf16 else torch.float32
     return prepare_frozen(accelerator, load_pretrained(cls, path, dtype, args.trust_remote_code))
 
 
@@ -864,7 +875,8 @@ def main(args: Args):
             log.log({**metrics, "objective/scores": stats["scores_mean"]}, step)
         # ---- update: DPO on this iteration's pairs ----
         t0 = time.time()
-        ref_model = load_frozen(args, accelerator, AutoModelForCausalLM, ref_at)
+        same = ref_at == policy_path  # the policy's start: step 0 is an identity in any precision
+        ref_model = load_frozen(args, accelerator, AutoModelForCausalLM, ref_at, same)
         if args.precompute_ref_logps:
             # the reference runs once over the pairs and is freed: one model at a time
             for pairs in (train_pairs, eval_pairs):
@@ -1381,8 +1393,9 @@ class MetricsLog:
 
 
 RESUME_MAY_CHANGE = {  # the step budget and logging; a moved or copied run directory still resumes
-    "max_steps", "num_train_epochs", "num_iterations", "total_episodes", "logging_steps", "eval_steps",
-    "save_steps", "resume_from_checkpoint", "overwrite_output_dir", "report_to", "output_dir",
+    "max_steps", "num_train_epochs", "num_iterations", "total_episodes", "iterations", "logging_steps",
+    "eval_steps", "save_steps", "resume_from_checkpoint", "overwrite_output_dir", "report_to",
+    "output_dir",
 }  # fmt: skip
 
 

@@ -927,8 +927,9 @@ class MetricsLog:
 
 
 RESUME_MAY_CHANGE = {  # the step budget and logging; a moved or copied run directory still resumes
-    "max_steps", "num_train_epochs", "num_iterations", "total_episodes", "logging_steps", "eval_steps",
-    "save_steps", "resume_from_checkpoint", "overwrite_output_dir", "report_to", "output_dir",
+    "max_steps", "num_train_epochs", "num_iterations", "total_episodes", "iterations", "logging_steps",
+    "eval_steps", "save_steps", "resume_from_checkpoint", "overwrite_output_dir", "report_to",
+    "output_dir",
 }  # fmt: skip
 
 

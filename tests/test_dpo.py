@@ -431,6 +431,24 @@ def test_identical_pairs_are_dropped_and_counted(tok, capsys):
     assert "1 dropped (chosen identical to rejected)" in capsys.readouterr().out
 
 
+def test_an_empty_prompt_still_scores_the_first_response_token(tok, tiny_model):
+    """With no prompt and a tokenizer that adds no BOS, the response's first token had no position
+    to be predicted from and was never scored (a one-token preference was scored on its EOS alone).
+    BOS is the context, so log pi(y|x) sums every response token given BOS, as in sft.py."""
+    assert tok("").input_ids == []  # this tokenizer adds no BOS
+    ds = dpo.Dataset.from_list([{"prompt": "", "chosen": " yes", "rejected": " no"}])
+    (pair,) = dpo.tokenize_preference(ds, tok, 64, None, "train")
+    yes = tok(" yes", add_special_tokens=False).input_ids + [tok.eos_token_id]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        chosen, _ = dpo.concatenated_forward(model, dpo.collate_pairs([pair], tok.pad_token_id))
+        logps = torch.log_softmax(model(torch.tensor([[tok.bos_token_id, *yes]])).logits[0], -1)
+    expected = sum(logps[i, token] for i, token in enumerate(yes))  # every response token
+    assert chosen.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert pair["chosen_input_ids"] == [tok.bos_token_id, *yes]
+    assert pair["chosen_mask"] == [0] + [1] * len(yes)
+
+
 def test_missing_eos_penalty_applies_to_reward_functions_that_see_finished(tok):
     seen = {}
 

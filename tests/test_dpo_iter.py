@@ -1,5 +1,6 @@
 """dpo.py DPO-Iter (paper Sec. 4.3): sample -> label -> DPO for 2 iterations, with a reward function and with a
-reward model; the second iteration's reference is the first iteration's trained policy."""
+reward model; the second iteration's reference is the first iteration's trained policy; a finished run
+extended with more --iterations."""
 
 import json
 import shutil
@@ -18,19 +19,21 @@ def iteration_rows(rows):
 
 def check_reference_chain(out, initial, rows):
     """Iteration 1's reference is the initial policy; iteration 2's is iteration 1's saved policy. Seen
-    in the outputs: each iteration's first evaluation (step 0 of that iteration, on its own sampled eval
-    pairs) has every margin exactly 0, which holds only when the reference IS the policy being trained;
-    and the last evaluation of iteration 1 is not 0 (it trained), so iteration 2 did not reuse the initial
-    policy as its reference."""
+    in the outputs: each iteration's first train row (logging_steps 1: the forward before its first
+    update) has every implicit reward exactly 0, which holds only when the reference IS the policy
+    being trained; and the last evaluation of iteration 1 is not 0 (it trained), so iteration 2 did
+    not reuse the initial policy as its reference. One eval row per step: iteration 2 starts at step 2,
+    which iteration 1's final evaluation holds, and adds no baseline evaluation of its own there."""
     info = [json.loads((out / f"iter_{k}" / "iteration.json").read_text()) for k in (1, 2)]
     assert info[0]["reference"] == str(initial) and info[1]["reference"] == str(out / "iter_1")
+    evals = [r for r in rows if "eval/rewards/margins" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert evals[0]["eval/rewards/margins"] == 0.0 and evals[1]["eval/rewards/margins"] != 0.0
     firsts = [
-        rows[i + 1] for i, r in enumerate(rows) if "iteration" in r
-    ]  # the eval right after each label
-    assert [("eval/rewards/margins" in r, r["step"]) for r in firsts] == [(True, 0), (True, 2)]
-    assert all(r["eval/rewards/margins"] == 0.0 and r["eval/rewards/chosen"] == 0.0 for r in firsts)
-    last_of_first = next(r for r in rows if "eval/rewards/margins" in r and r["step"] == 2)
-    assert last_of_first["eval/rewards/margins"] != 0.0
+        r for r in rows if "train/loss" in r and r["step"] in (1, 3)
+    ]  # each iteration's first
+    assert len(firsts) == 2
+    assert all(r["rewards/margins"] == 0.0 and r["rewards/chosen"] == 0.0 for r in firsts), firsts
     return info
 
 
@@ -49,8 +52,6 @@ def test_dpo_iter_with_reward_function(
         data_files["prompts"],
         "--eval_split",
         "train[:4]",
-        "--iterations",
-        2,
         "--reward_fn",
         f"{tmp_path / 'reward.py'}:score",
         "--samples_per_prompt",
@@ -73,7 +74,7 @@ def test_dpo_iter_with_reward_function(
         4,
     ]
     out = tmp_path / "out"
-    proc = run_script("dpo.py", *common, "--output_dir", out)
+    proc = run_script("dpo.py", *common, "--iterations", 2, "--output_dir", out)
     rows = metrics(out)
     iters = iteration_rows(rows)
     assert [(r["iteration"], r["step"]) for r in iters] == [(1, 0), (2, 2)]  # global steps continue
@@ -102,16 +103,21 @@ def test_dpo_iter_with_reward_function(
         torch.equal(w_final[k], w_iter2[k]) for k in w_final
     )  # the final policy is iteration 2's
 
-    # Resume after iteration 1: iteration 2 starts from (and is referenced to) the saved iter_1 policy.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(out / "iter_1", resumed / "iter_1")
-    proc = run_script(
-        "dpo.py", *common, "--output_dir", resumed, "--resume_from_checkpoint", "latest"
-    )
+    # A finished 1-iteration run resumed with --iterations 2 runs iteration 2 only, from (and referenced
+    # to) its saved iter_1, its steps and metrics continuing: it ends where the 2-iteration run does.
+    extended = tmp_path / "extended"
+    run_script("dpo.py", *common, "--iterations", 1, "--output_dir", extended)
+    resume = ["--iterations", 2, "--resume_from_checkpoint", "latest"]
+    proc = run_script("dpo.py", *common, *resume, "--output_dir", extended)
     assert "resumed after iteration 1 (step 2)" in proc.stdout
-    w_resumed = weights(resumed / "iter_2")
-    assert max((w_resumed[k] - w_iter2[k]).abs().max().item() for k in w_resumed) <= 1e-5
-    assert [r["iteration"] for r in iteration_rows(metrics(resumed))] == [2]
+    assert proc.stdout.count("iteration 2 train:") == 1 and "iteration 1 train:" not in proc.stdout
+    w_extended = weights(extended / "iter_2")
+    assert max((w_extended[k] - w_iter2[k]).abs().max().item() for k in w_extended) <= 1e-5
+    rows_extended = metrics(extended)
+    assert [(r["step"], sorted(r)) for r in rows_extended] == [(r["step"], sorted(r)) for r in rows]
+    assert [r["iteration"] for r in iteration_rows(rows_extended)] == [1, 2]
+    check_reference_chain(extended, tiny_model, rows_extended)
+    assert json.loads((extended / "args.json").read_text())["iterations"] == 2
 
     def timeless(row):
         return {k: v for k, v in row.items() if not k.endswith("_per_second")}
@@ -163,6 +169,8 @@ def test_dpo_iter_with_reward_model_of_another_tokenizer(
         "--warmup_ratio",
         0,
         "--precompute_ref_logps",
+        "--logging_steps",
+        1,
         "--output_dir",
         out,
     )

@@ -342,8 +342,9 @@ def test_deepspeed_zero(
     assert all(torch.isfinite(p).all() for p in model.parameters())
     evals = [r for r in metrics(out) if "eval/rewards/margins" in r]
     assert len(evals) == 2 and all(math.isfinite(r["eval/loss"]) for r in evals)
-    if not bf16:  # a reference in fp32 equal to the policy: step-0 margins exactly 0
-        assert evals[0]["eval/rewards/margins"] == 0.0
+    # the reference is the policy's checkpoint in the policy's dtype (DeepSpeed's bf16 casts the
+    # policy's module to bf16, and the reference loads in bf16): step-0 margins exactly 0
+    assert evals[0]["eval/rewards/margins"] == 0.0
     if mode == "iter":
         assert json.loads((out / "iter_1" / "iteration.json").read_text())["pairs"] > 0
     if stage == 3 and not bf16 and mode != "iter":
@@ -376,6 +377,55 @@ def test_deepspeed_config_with_other_accumulation_is_refused(
     assert proc.returncode != 0
     errors = {line for line in proc.stderr.splitlines() if line.startswith("error:")}
     assert len(errors) == 1 and "gradient_accumulation_steps=2" in errors.pop(), proc.stderr[-2000:]
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state: a --bf16 run in this process needs it reset (and after)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("mode", ["live", "pre", "iter"])
+def test_bf16_step0_is_an_exact_identity(
+    mode, fresh_accelerator_state, tiny_model, data_files, metrics, tmp_path
+):
+    """--bf16 autocasts a float32 policy; its reference, the same checkpoint, loads in float32 too
+    (a bf16 copy gave step-0 margins of ~2e-4 and accuracy 0.4): before any update the two give the
+    same log-probs, every reward exactly 0, in the step-0 eval and in each first step's (pre-update)
+    train statistics: live and precomputed reference, and DPO-Iter's iteration 2, whose reference
+    is iteration 1's policy. In-process, one step per iteration."""
+    (tmp_path / "r.py").write_text("def score(p, c):\n    return [float(len(x)) for x in c]\n")
+    iterate = {"reward_fn": f"{tmp_path / 'r.py'}:score", "iterations": 2, "samples_per_prompt": 2}
+    out = tmp_path / "out"
+    dpo.main(
+        dpo.Args(
+            model_name_or_path=tiny_model,
+            dataset_name=data_files["prompts" if mode == "iter" else "preference"],
+            train_split="train[:4]" if mode == "iter" else "train",
+            eval_split="train[:5]",
+            max_steps=1,
+            per_device_train_batch_size=3,
+            per_device_eval_batch_size=2,
+            max_new_tokens=4,
+            logging_steps=1,
+            save_steps=0,
+            bf16=True,
+            precompute_ref_logps=mode == "pre",
+            output_dir=str(out),
+            **(iterate if mode == "iter" else {}),
+        )
+    )
+    rows = metrics(out)
+    start_eval = next(r for r in rows if "eval/loss" in r)
+    firsts = [r for r in rows if "train/loss" in r]  # one step per iteration: pre-update
+    assert start_eval["step"] == 0 and len(firsts) == (2 if mode == "iter" else 1)
+    for row, prefix in ((start_eval, "eval/"), *((r, "") for r in firsts)):
+        rewards = [row[f"{prefix}rewards/{k}"] for k in ("chosen", "rejected", "margins")]
+        assert rewards == [0.0, 0.0, 0.0] and row[f"{prefix}rewards/accuracies"] == 0.0, row
 
 
 def test_bf16_checkpoint_trains_in_float32(tiny_model_bf16, data_files, weights, tmp_path):
