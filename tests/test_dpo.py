@@ -318,6 +318,8 @@ def test_end_to_end(model, shape, extra, tiny_models, data_files, run_script, me
     ]:
         assert (out / name).exists(), name
     assert json.loads((out / "args.json").read_text())["loss_type"] == extra[1]
+    first = "1 process, device cpu, fp32, global batch 2 pairs (2 per device x 1 x 1 accumulation)"
+    assert proc.stdout.splitlines()[0] == first, proc.stdout[:300]
     rows = metrics(out)
     train = [r for r in rows if "train/loss" in r]
     evals = [r for r in rows if "eval/loss" in r]

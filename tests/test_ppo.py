@@ -426,12 +426,19 @@ def test_resume_continues_the_same_run(
     tiny_model, data_files, reward_file, run_script, metrics, weights, tmp_path
 ):
     """A resume mid-epoch (8 prompts, 2 per iteration: 4 iterations per epoch; checkpoint at 2)
-    continues with the same prompts and the same sampling noise as the uninterrupted run."""
+    continues with the same prompts and the same sampling noise as the uninterrupted run. The run it
+    resumes was killed after logging step 4: its metrics and samples rows after step 2 are re-run."""
     common = (
         "--reward_fn",
         f"{reward_file}:count_bang",
         "--num_iterations",
         4,
+        "--eval_split",
+        "train[:2]",
+        "--eval_steps",
+        1,
+        "--num_samples",
+        1,
         "--per_device_prompt_batch_size",
         2,
         "--per_device_train_batch_size",
@@ -448,6 +455,8 @@ def test_resume_continues_the_same_run(
         "ppo.py", *small_run(tiny_model, data_files["prompts"], full, *common, "--save_steps", 2)
     )
     shutil.copytree(full / "checkpoints" / "step_2", resumed / "checkpoints" / "step_2")
+    for name in ("args.json", "metrics.jsonl", "samples.jsonl"):
+        shutil.copy(full / name, resumed / name)
     proc = run_script(
         "ppo.py",
         *small_run(
@@ -460,16 +469,19 @@ def test_resume_continues_the_same_run(
         ),
     )
     assert "resumed from" in proc.stdout + proc.stderr
-    b = metrics(resumed)
-    assert [r["step"] for r in b] == [3, 4]
+    a, b = metrics(full), metrics(resumed)
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 1, 2, 2, 3, 3, 4, 4]
 
     def timeless(row):
         return {
             k: v for k, v in row.items() if k != "eps" and not k.startswith(("time/", "memory/"))
         }
 
-    for ra, rb in zip([r for r in metrics(full) if r["step"] > 2], b, strict=True):
+    for ra, rb in zip(a, b, strict=True):
         assert timeless(rb) == pytest.approx(timeless(ra), rel=1e-6, abs=1e-6)
+    samples = (resumed / "samples.jsonl").read_text()
+    assert [json.loads(r)["step"] for r in samples.splitlines()] == [1, 2, 3, 4]
+    assert samples == (full / "samples.jsonl").read_text()
     wa, wb = weights(full), weights(resumed)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
