@@ -504,7 +504,7 @@ STAT_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
 
 
 def stat_metrics(total: torch.Tensor, prefix: str) -> dict:
-    """[8] = (sums of the 7 statistics, pair count) -> means, named for the ecosystem (DESIGN
+    """[8] = (sums of the 7 statistics, pair count) -> means, named for the ecosystem (docs/design.md
     section 6): train/loss and rewards/... as TRL logs them, eval/... for prefix "eval"."""
     names = ["train/loss", *STAT_NAMES[1:]] if prefix == "" else [f"eval/{n}" for n in STAT_NAMES]
     return {name: (total[i] / total[-1]).item() for i, name in enumerate(names)}
@@ -977,7 +977,7 @@ SAFERLHF_COLUMNS = [
 
 
 def to_preference(ds: Dataset, filter: str = "none") -> Dataset:
-    """Any preference shape of DESIGN section 4 -> columns prompt, chosen, rejected (types checked per row)."""
+    """Any preference shape of docs/design.md section 4 -> columns prompt, chosen, rejected (types checked per row)."""
     cols = set(ds.column_names)
     if {"response_0", "response_1"} <= cols:
         missing = [c for c in SAFERLHF_COLUMNS if c not in cols]
@@ -1272,7 +1272,7 @@ def disable_dropout(model: torch.nn.Module):
 
 
 def check_finite(value: torch.Tensor, what: str, step: int):
-    """DESIGN section 4: a non-finite loss, score or reward stops the run before it reaches the weights;
+    """docs/design.md section 4: a non-finite loss, score or reward stops the run before it reaches the weights;
     checkpoints already written stay as they are. Call it on a value every process shares (reduced)."""
     if not torch.isfinite(value).all():
         raise DataError(

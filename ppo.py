@@ -1089,7 +1089,7 @@ SAFERLHF_COLUMNS = [
 
 
 def to_preference(ds: Dataset, filter: str = "none") -> Dataset:
-    """Any preference shape of DESIGN section 4 -> columns prompt, chosen, rejected (types checked per row)."""
+    """Any preference shape of docs/design.md section 4 -> columns prompt, chosen, rejected (types checked per row)."""
     cols = set(ds.column_names)
     if {"response_0", "response_1"} <= cols:
         missing = [c for c in SAFERLHF_COLUMNS if c not in cols]
@@ -1384,7 +1384,7 @@ def disable_dropout(model: torch.nn.Module):
 
 
 def check_finite(value: torch.Tensor, what: str, step: int):
-    """DESIGN section 4: a non-finite loss, score or reward stops the run before it reaches the weights;
+    """docs/design.md section 4: a non-finite loss, score or reward stops the run before it reaches the weights;
     checkpoints already written stay as they are. Call it on a value every process shares (reduced)."""
     if not torch.isfinite(value).all():
         raise DataError(

@@ -1,4 +1,4 @@
-"""Offline test harness (DESIGN.md section 7).
+"""Offline test harness (docs/design.md section 7).
 
 Builds, once per test session and with no network:
 - a tiny byte-level BPE tokenizer (trained in a fraction of a second) with a chat template, in two
@@ -6,7 +6,7 @@ Builds, once per test session and with no network:
 - tiny models from config (2 layers, hidden 64) of four architectures: Llama, Qwen2, GPT-NeoX
   (Pythia) and GPT-2 (absolute positions), each saved with the tokenizer beside it so that the
   scripts load them through the real `from_pretrained` path;
-- small JSONL data fixtures in every data shape of DESIGN section 4.
+- small JSONL data fixtures in every data shape of docs/design.md section 4.
 """
 
 import json
@@ -260,7 +260,7 @@ def dropout_model(tiny_dir):
     return str(path)
 
 
-# ---- data fixtures, one JSONL file per shape of DESIGN section 4 ----
+# ---- data fixtures, one JSONL file per shape of docs/design.md section 4 ----
 
 
 def write_jsonl(path: Path, rows) -> str:
@@ -284,7 +284,7 @@ _QA = [
 
 @pytest.fixture(scope="session")
 def data_files(tiny_dir):
-    """{shape: path} of small JSONL files in every data shape of DESIGN section 4."""
+    """{shape: path} of small JSONL files in every data shape of docs/design.md section 4."""
     d = tiny_dir / "data"
     files = {}
     files["prompt_completion"] = write_jsonl(
@@ -428,7 +428,7 @@ def run_script():
 
 @pytest.fixture(scope="session")
 def run_accelerate():
-    """Two processes over gloo on CPU (DESIGN section 7): plain --cpu --num_processes 2 silently runs
+    """Two processes over gloo on CPU (docs/design.md section 7): plain --cpu --num_processes 2 silently runs
     one. Forked warm with the environment `accelerate launch` prepares; real_launcher=True runs the
     `accelerate launch` command itself."""
 
@@ -452,7 +452,7 @@ SHIM = REPO / "tests" / "deepspeed_shim" / "sitecustomize.py"
 
 @pytest.fixture(scope="session")
 def run_deepspeed():
-    """DeepSpeed ZeRO-2/3 on 2 CPU processes (DESIGN section 7) through the shipped config files:
+    """DeepSpeed ZeRO-2/3 on 2 CPU processes (docs/design.md section 7) through the shipped config files:
     run_deepspeed("sft.py", *args, stage=3, bf16=False), or config_file=another YAML. DeepSpeed's CPU
     accelerator speaks gloo; the test-only sitecustomize in tests/deepspeed_shim makes accelerate
     accept that backend. Forked warm with the environment `accelerate launch --config_file ...`

@@ -1,4 +1,4 @@
-"""ppo.py's bad-input table (DESIGN section 4, issue 12): each bad input gives one `error:` line, in
+"""ppo.py's bad-input table (docs/design.md section 4): each bad input gives one `error:` line, in
 process (main(Args(...)) raising the DataError the command line prints), before any model loads
 where the input can be judged without one; none leaves a saved model behind."""
 

@@ -1,4 +1,4 @@
-"""reward_model.py: every bad input a user can give gets one `error:` line (DESIGN section 4, issue 12).
+"""reward_model.py: every bad input a user can give gets one `error:` line (docs/design.md section 4).
 
 The table runs main(Args(...)) in-process (main_error: no 4-second subprocess start); the command
 line's own paths (no arguments, --help) run as subprocesses once each. Review numbers (rm #N) refer

@@ -376,7 +376,7 @@ def test_eval_only_writes_eval_metrics_without_training(
     )
 
 
-# ---- issue 11: ChatML EOS, dropout, identical pairs, missing-EOS penalty ----
+# ---- ChatML EOS, dropout, identical pairs, missing-EOS penalty ----
 
 
 def test_chatml_completions_end_in_exactly_one_eos(chatml_model):

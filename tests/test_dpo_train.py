@@ -235,7 +235,7 @@ def test_resume_matches_uninterrupted_run(
         assert timeless(b) == pytest.approx(timeless(a), abs=1e-6)
 
 
-# ---- DeepSpeed ZeRO-2/3 on 2 CPU processes, fp32 and bf16 (issue 10) ----
+# ---- DeepSpeed ZeRO-2/3 on 2 CPU processes, fp32 and bf16 ----
 
 
 @pytest.fixture(scope="module")

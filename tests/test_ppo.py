@@ -14,7 +14,7 @@ from conftest import _QA, REPO, build_config, build_tokenizer, write_jsonl
 
 import ppo
 
-# The six names of DESIGN section 6 that every iteration logs, plus our timing and memory.
+# The six names of docs/design.md section 6 that every iteration logs, plus our timing and memory.
 TRAIN_METRICS = [
     "objective/scores",
     "objective/kl",
@@ -350,7 +350,7 @@ def test_scorer_reads_the_reward_at_the_last_token_normalized_and_retokenized(
 def test_reward_model_with_another_vocabulary_is_retokenized_and_the_critic_starts_from_the_policy(
     tiny_model, data_files, metrics, weights, tmp_path, capsys
 ):
-    """Issue 11.3: with no --value_model_name_or_path the critic would read the policy's token ids with
+    """With no --value_model_name_or_path the critic would read the policy's token ids with
     the reward model's embeddings (IndexError here: 300 < 400 tokens); it starts from the policy."""
     rm = save_reward_model(build_other_tokenizer(), tmp_path / "rm_other")
     out = tmp_path / "run"
@@ -519,7 +519,7 @@ def test_prompts_from_every_prompt_source(data_files):
     assert kept == tok("x " * 50).input_ids[-7:]
 
 
-# ---- issue 10: where users run it (DeepSpeed ZeRO-2/3, bf16, gradient checkpointing), on CPU ----
+# ---- where users run it (DeepSpeed ZeRO-2/3, bf16, gradient checkpointing), on CPU ----
 
 LOGGING_REWARD = '''
 import json, os
@@ -682,7 +682,7 @@ def test_step0_kl_is_exactly_zero_under_bf16_with_an_fp32_reference(fresh_accele
     assert metrics(out)[0]["objective/kl"] == 0.0
 
 
-# ---- issue 11: the critic learns from iteration 1; metrics reduced exactly ----
+# ---- the critic learns from iteration 1; metrics reduced exactly ----
 
 
 def test_value_clip_window_is_centred_on_the_critic_output(tiny_model, data_files, reward_file, metrics, weights,

@@ -1,5 +1,5 @@
 """reward_model.py: loss math, last-token index, padding invariance, data shapes, bad input, learning,
-interoperability, --eval_only, 2 processes and resume (issue 4)."""
+interoperability, --eval_only, 2 processes and resume."""
 
 import json
 import math
@@ -645,7 +645,7 @@ def test_resume_matches_uninterrupted(two_runs, tiny_model, run_script, weights,
 
 
 def test_resume_state_is_json_not_pickle(two_runs):
-    """Issue 12.5: the scheduler is saved in step.json; nothing of ours is pickled (accelerate's
+    """The scheduler is saved in step.json; nothing of ours is pickled (accelerate's
     custom_checkpoint_*.pkl unpickles with weights_only=False)."""
     d, _ = two_runs
     ckpt = d / "one" / "checkpoints" / "step_2"
@@ -653,7 +653,7 @@ def test_resume_state_is_json_not_pickle(two_runs):
     assert not list(ckpt.glob("custom_checkpoint_*"))
 
 
-# ---- dtypes, dropout, ChatML, non-finite values (issues 10-12) ----
+# ---- dtypes, dropout, ChatML, non-finite values ----
 
 
 def _run(**kwargs):
@@ -683,7 +683,7 @@ def test_bf16_checkpoint_trains_in_fp32(tiny_model_bf16, synthetic_data, weights
 
 
 def test_dropout_disabled_including_attention_dropout(dropout_model):
-    """Issue 11.8: the shared disable_dropout; a Llama reads attention_dropout=0.3 as a float."""
+    """The shared disable_dropout; a Llama reads attention_dropout=0.3 as a float."""
     model, tok = load_fresh(dropout_model)
     model.train()
     ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog").input_ids])
@@ -694,7 +694,7 @@ def test_dropout_disabled_including_attention_dropout(dropout_model):
 
 
 def test_chatml_pairs_end_in_one_eos(chatml_model, tmp_path):
-    """Issue 11.7: a ChatML template renders '<|im_end|>\n' after the answer; the pair must end in that
+    """A ChatML template renders '<|im_end|>\n' after the answer; the pair must end in that
     single EOS (where generation stops and PPO reads the score), not in a second one."""
     tok = rm.load_tokenizer(_Args(chatml_model))
     user = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -729,7 +729,7 @@ def test_chatml_pairs_end_in_one_eos(chatml_model, tmp_path):
 def test_non_finite_loss_stops_before_the_weights_change(
     tiny_model, synthetic_data, monkeypatch, weights, tmp_path
 ):
-    """Issue 12.2: a NaN loss at step 2 stops the run before the optimizer step: no NaN model, no NaN
+    """A NaN loss at step 2 stops the run before the optimizer step: no NaN model, no NaN
     reward_mean/std, and the step-1 checkpoint stays finite."""
     calls, original = [], rm.reward_loss
 

@@ -1,4 +1,4 @@
-"""The stage scripts repeat small helpers instead of importing a local module (DESIGN section 2).
+"""The stage scripts repeat small helpers instead of importing a local module (docs/design.md section 2).
 The copies must stay byte-identical, so a fix made in one file is carried to every file."""
 
 import ast
@@ -143,7 +143,7 @@ FENCE = "# ---- shared helpers: identical in every script that has them (tests/t
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_shared_helpers_sit_in_the_fenced_block_after_main(script):
-    """DESIGN section 2: the algorithm first, main() next, the shared helpers only in the fenced block."""
+    """docs/design.md section 2: the algorithm first, main() next, the shared helpers only in the fenced block."""
     source = (REPO / script).read_text()
     fence = source.splitlines().index(FENCE) + 1
     above = {}

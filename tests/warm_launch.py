@@ -1,4 +1,4 @@
-"""Launch a script as real processes, forked from a warm interpreter (DESIGN section 7: fast tests).
+"""Launch a script as real processes, forked from a warm interpreter (docs/design.md section 7: fast tests).
 
 Each launch of a script costs ~3 CPU-seconds of imports (torch, transformers, datasets, accelerate;
 DeepSpeed ~1.6 more) before it does any work, and `accelerate launch` adds ~1.6 for itself: most of

@@ -5,7 +5,7 @@ one of the project's scripts (sft.py, reward_model.py, dpo.py, ppo.py), called i
 its own `main(tyro.cli(Args, args=[...]))`, i.e. with exactly the command-line flags a user would
 type (each stage's flags are in its log and in its `stage.json`).
 
-Design (issue 13):
+Design:
 1. One rule set. PPO and DPO-Iter train on the same prompts, with the same missing-EOS penalty, the
    same budget of reward queries (PPO rollouts scored = DPO-Iter samples labelled), the same KL
    anchor (the SFT policy: DPO-Iter runs as `--rounds` calls of dpo.py, each from the last policy with
@@ -37,7 +37,7 @@ Design (issue 13):
    PPO - DPO-Iter, DPO-Iter - DPO; unfinished share and length error per method; the paper's Table 3
    PPO ablation under the gold labeller on the same seeds.
 
-Outputs: results.json (the shape issue 13 fixes), details.json (reward-model checks, tuning, learning
+Outputs: results.json (a fixed shape), details.json (reward-model checks, tuning, learning
 curve, per-cell CPU seconds, length errors), results.md and gold_vs_accuracy.png, rewritten after
 every finished cell, so a long run can be committed in parts. Everything is resumable: a finished
 cell (labeller, method, seed) is never redone, and a stage whose recorded settings (`stage.json`:
@@ -959,7 +959,7 @@ def fmt(values: list) -> str:
 
 
 def collect(a: Args) -> tuple:
-    """results.json (issue 13's shape, only seeds whose every cell of an arm has finished) and details."""
+    """results.json (its fixed shape, only seeds whose every cell of an arm has finished) and details."""
     arms = ["gold"] + [f"noisy_{acc}" for acc in a.accuracies] + ["reward_model"]
     load = lambda *k: (
         json.loads(cell_path(a, *k).read_text()) if cell_path(a, *k).exists() else None

@@ -1,4 +1,4 @@
-"""Test-only shim (DESIGN section 7): lets `accelerate launch --config_file deepspeed_zero*.yaml` run
+"""Test-only shim (docs/design.md section 7): lets `accelerate launch --config_file deepspeed_zero*.yaml` run
 DeepSpeed on CPU processes. DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) talks gloo, but accelerate's
 backend detection finds no backend without CUDA and refuses; answer gloo there when a launcher started us.
 Put this directory on the launched processes' PYTHONPATH; it never ships with a script."""
