@@ -426,21 +426,33 @@ def plot_figure1(run: dict, path: str, rise_tol: float) -> None:
         ("pi_DPO", torch.tensor(run["probs"]["DPO"]), None),
         ("learned reward", reward, (reward > reward.diagonal()[:, None]) & ~covered),
     ]
-    fig, axes = plt.subplots(1, 5, figsize=(20, 4.2))
-    axes[0].imshow(covered.float().numpy(), cmap="Greys")
+    fig, axes = plt.subplots(1, 5, figsize=(22, 5.2))
+    axes[0].imshow(covered.float().numpy(), cmap="Greys", vmin=0, vmax=1.6)
     for ax, (title, mat, circled) in zip(axes[1:], panels):
         circled = (mat > pi_ref + rise_tol) & ~covered if circled is None else circled
-        ax.imshow(mat.numpy(), cmap="coolwarm" if title == "learned reward" else "viridis")
+        reward_panel = title == "learned reward"
+        image = ax.imshow(mat.numpy(), cmap="coolwarm" if reward_panel else "viridis")
+        fig.colorbar(
+            image, ax=ax, fraction=0.046, pad=0.03, label="r(x, y)" if reward_panel else "prob."
+        )
+        lo, hi = mat.min().item(), mat.max().item()
         for i, j in [(i, j) for i in range(mat.shape[0]) for j in range(mat.shape[1])]:
-            color = "black" if title == "learned reward" else "white"
-            ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7, color=color)
+            light = reward_panel or (mat[i, j] - lo) > 0.6 * (hi - lo)  # dark text on light cells
+            color = "black" if light else "white"
+            ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=8, color=color)
             if circled[i, j]:
                 ax.add_patch(plt.Circle((j, i), 0.45, fill=False, edgecolor="red", linewidth=2))
-    for ax, title in zip(axes, ["coverage"] + [p[0] for p in panels]):
-        ax.set(title=title, xlabel="response y", ylabel="prompt x")
-    fig.suptitle(f"seed {run['seed']}: circled = uncovered, > pi_ref + {rise_tol} / > the diagonal")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    for ax, title in zip(axes, ["coverage (grey: pair in the data)"] + [p[0] for p in panels]):
+        ax.set(
+            title=title, xlabel="response y", ylabel="prompt x", xticks=range(8), yticks=range(8)
+        )
+    circle = plt.Line2D([], [], marker="o", markersize=12, markerfacecolor="none", linestyle="none",
+                        markeredgecolor="red", markeredgewidth=2)  # fmt: skip
+    fig.legend([circle], [f"uncovered cell: policy > pi_ref + {rise_tol}; reward > the diagonal's"],
+               loc="lower center", ncol=1, frameon=False, fontsize=11)  # fmt: skip
+    fig.suptitle(f"seed {run['seed']}: the paper's Figure 1 on the 8x8 task", fontsize=13)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

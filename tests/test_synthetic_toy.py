@@ -8,7 +8,7 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
-from conftest import tyro_help
+from conftest import REPO, tyro_help
 
 import synthetic_toy as st
 
@@ -159,6 +159,21 @@ def test_paper_claim_default_config_heldout_seeds():
     assert diag["PPO"] > diag["DPO"] + 0.2
     assert unc["PPO"] < 0.1
     assert claim["rate"]["all"] >= 0.6
+
+
+def test_the_readmes_figure_is_what_the_script_draws_today(tmp_path):
+    """docs/synthetic_toy.png (embedded in the README) is seed 0 of the default run, drawn by today's
+    plot_figure1; after a change, regenerate it with `python synthetic_toy.py` and copy
+    outputs/synthetic_toy/synthetic_toy.png to docs/."""
+    import matplotlib.image
+
+    args = st.Args()
+    st.plot_figure1(st.run_seed(args, args.seeds[0]), str(tmp_path / "fig.png"), args.rise_tol)
+    drawn = matplotlib.image.imread(tmp_path / "fig.png")
+    committed = matplotlib.image.imread(REPO / "docs" / "synthetic_toy.png")
+    assert drawn.shape == committed.shape and (drawn == committed).all(), (
+        "docs/synthetic_toy.png is stale"
+    )
 
 
 def test_help_says_what_the_script_does(capsys):
