@@ -27,8 +27,10 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -833,11 +835,23 @@ def score_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
 
 
 def check_model_path(path: str, what: str = "model"):
-    """A local path that does not exist is a typo, not a hub id: say so before anything loads."""
-    if not Path(path).exists() and (
-        path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith("/")
-    ):
+    """Before anything loads, in one line: a local-looking path that does not exist is a typo, not a
+    hub id; a hub id needs the hub, which is probed first (3 s at most) instead of after a minute of
+    download retries. With HF_HUB_OFFLINE=1 the load reads the local cache, and fails at once."""
+    if Path(path).exists():
+        return
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith("/"):
         raise DataError(f"{what} {path}: no such directory")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return
+    hub = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((hub.hostname, hub.port or 443), timeout=3).close()
+    except OSError as e:
+        raise DataError(
+            f"{what} {path}: not a local directory, and the hub ({hub.hostname}) cannot be reached "
+            f"({type(e).__name__}): give a local path, or set HF_HUB_OFFLINE=1 to use the cache"
+        ) from None
 
 
 def load_pretrained(cls, path: str, dtype: torch.dtype, trust_remote_code: bool, **kwargs):

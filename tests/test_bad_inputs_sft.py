@@ -247,3 +247,20 @@ def test_empty_prompt_uses_bos_as_context(tiny_model):
     completion = tok("hello", add_special_tokens=False).input_ids + [tok.eos_token_id]
     assert ex["input_ids"] == [tok.bos_token_id] + completion
     assert sum(ex["loss_mask"][1:]) == len(completion)  # every completion token, the first included
+
+
+@pytest.mark.parametrize("path", ["./typo", "/typo", "a/b/c", "org/model"])
+def test_a_model_path_that_cannot_load_fails_at_once(path, data_files, tmp_path, monkeypatch):
+    """A typo fails in one line before anything loads, and a hub id whose hub cannot be reached says
+    so at once instead of after ~50 s of download retries (the hub here is a closed loopback port, so
+    the test touches no network)."""
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    start = time.time()
+    args = dict(model_name_or_path=path, dataset_name=data_files["prompt_completion"])  # noqa: C408
+    message = main_error("sft.py", **args, output_dir=str(tmp_path / "out"))
+    assert time.time() - start < 5
+    expected = "cannot be reached" if path == "org/model" else "no such directory"
+    assert message.startswith(f"model {path}: ") and expected in message, message
