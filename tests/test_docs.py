@@ -2,6 +2,7 @@
 nothing cites a design document users do not have, and no user-facing text names an internal issue."""
 
 import re
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -49,3 +50,25 @@ def test_no_reference_to_a_missing_design_doc_or_an_internal_issue():
         assert not found, f"{path.relative_to(REPO)}: {found}"
         for section in re.findall(r"docs/design\.md\s+section (\d+)", text):
             assert f"## {section}." in (REPO / "docs" / "design.md").read_text(), (path, section)
+
+
+def test_the_readmes_no_hub_block_runs(tmp_path):
+    """The README's offline pipeline, as a user pastes it (from a copy of the repository's scripts)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## No hub? Start here") :]
+    block = section[
+        section.index("```bash\n") + 8 : section.index("\n```", section.index("```bash"))
+    ]
+    for script in ("sft.py", "reward_model.py", "ppo.py", "dpo.py"):
+        shutil.copy(REPO / script, tmp_path)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for stage in ("sft", "rm", "ppo", "dpo"):
+        assert (tmp_path / "out" / stage / "model.safetensors").exists(), stage
