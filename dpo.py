@@ -77,6 +77,8 @@ class Args:
     """tokenizer to use (defaults to model_name_or_path)"""
     trust_remote_code: bool = False
     """allow model/tokenizer code from the hub to run (opt-in)"""
+    attn_implementation: str | None = None
+    """attention kernel of every model loaded: eager, sdpa, flash_attention_2, ... (None: transformers')"""
     dataset_name: str = "trl-lib/ultrafeedback_binarized"
     """hub id, or a local .json/.jsonl/.parquet file or a directory of them: preference pairs (or, for DPO-Iter, any prompt source)"""
     dataset_config: str | None = None
@@ -734,7 +736,7 @@ def check_args(args: Args) -> bool:
 
 def load_policy(args, path: str):
     """The trained policy: float32 weights (mixed precision from --bf16 autocast or DeepSpeed)."""
-    model = load_pretrained(AutoModelForCausalLM, path, torch.float32, args.trust_remote_code)
+    model = load_pretrained(AutoModelForCausalLM, path, torch.float32, args)
     model = disable_dropout(model)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
@@ -751,7 +753,7 @@ def load_frozen(args, accelerator, cls, path: str, policy_copy: bool = False):
     (with --precompute_ref_logps it is freed before the policy loads)."""
     bf16 = args.bf16 and (not policy_copy or accelerator.state.deepspeed_plugin is not None)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    return prepare_frozen(accelerator, load_pretrained(cls, path, dtype, args.trust_remote_code))
+    return prepare_frozen(accelerator, load_pretrained(cls, path, dtype, args))
 
 
 def find_iteration(output_dir, resume_from_checkpoint: str | None):
@@ -1238,13 +1240,15 @@ def check_model_path(path: str, what: str = "model"):
         ) from None
 
 
-def load_pretrained(cls, path: str, dtype: torch.dtype, trust_remote_code: bool, **kwargs):
-    """from_pretrained with an explicit dtype: transformers 5 otherwise keeps the checkpoint's (a bf16
-    checkpoint would train in pure bf16); a path or hub id that cannot be loaded is one error line."""
+def load_pretrained(cls, path: str, dtype: torch.dtype, args, **kwargs):
+    """from_pretrained with an explicit dtype (transformers 5 otherwise keeps the checkpoint's: a bf16
+    checkpoint would train in pure bf16) and the run's --attn_implementation, for trained and frozen
+    models alike; a path, hub id or attention kernel that cannot be loaded is one error line."""
     check_model_path(path)
     try:
-        return cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
-    except OSError as e:
+        return cls.from_pretrained(path, dtype=dtype, trust_remote_code=args.trust_remote_code,
+                                   attn_implementation=args.attn_implementation, **kwargs)  # fmt: skip
+    except (OSError, ValueError, ImportError) as e:
         raise DataError(
             f"cannot load a model from {path!r}: {str(e).splitlines()[0][:200]}"
         ) from None

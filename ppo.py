@@ -84,6 +84,8 @@ class Args:
     """standardize scores with the reward_mean / reward_std stored in the reward model's config"""
     trust_remote_code: bool = False
     """allow model/tokenizer code from the hub to run (opt-in)"""
+    attn_implementation: str | None = None
+    """attention kernel of every model loaded: eager, sdpa, flash_attention_2, ... (None: transformers')"""
     # ---- prompts ----
     dataset_name: str = "Anthropic/hh-rlhf"
     """prompts: a 'prompt' column, or any preference / SFT dataset (its prompts are used); hub id or local file"""
@@ -708,14 +710,14 @@ def load_models(args, tokenizer, reward_tokenizer):
     bfloat16's resolution); dropout is off in all four."""
     frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
     ref_dtype = torch.float32 if args.ref_ema > 0 else frozen_dtype
-    trust, seq_cls = args.trust_remote_code, AutoModelForSequenceClassification
-    policy = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, torch.float32, trust)
+    seq_cls = AutoModelForSequenceClassification
+    policy = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, torch.float32, args)
     disable_dropout(policy)
     with full_fp32_under_zero3(args.ref_ema > 0):  # ZeRO-3 bf16 would build it in bf16
-        ref_model = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, ref_dtype, trust)
+        ref_model = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, ref_dtype, args)
     reward_model = None
     if rm_path := args.reward_model_name_or_path:
-        reward_model = load_pretrained(seq_cls, rm_path, frozen_dtype, trust, num_labels=1)
+        reward_model = load_pretrained(seq_cls, rm_path, frozen_dtype, args, num_labels=1)
         # score_tokens runs HF's own forward, which needs a pad id to batch (its pooling is not used)
         reward_model.config.pad_token_id = (reward_tokenizer or tokenizer).pad_token_id
     # Tulu 2.5 App. F: the critic starts from the reward model; with a reward function, or a reward
@@ -728,7 +730,7 @@ def load_models(args, tokenizer, reward_tokenizer):
         )
         critic_path = None
     critic_path = critic_path or args.model_name_or_path
-    critic = load_pretrained(seq_cls, critic_path, torch.float32, trust, num_labels=1)
+    critic = load_pretrained(seq_cls, critic_path, torch.float32, args, num_labels=1)
     disable_dropout(critic)
     critic.config.pad_token_id = tokenizer.pad_token_id
     return policy, ref_model, reward_model, critic
@@ -1350,13 +1352,15 @@ def check_model_path(path: str, what: str = "model"):
         ) from None
 
 
-def load_pretrained(cls, path: str, dtype: torch.dtype, trust_remote_code: bool, **kwargs):
-    """from_pretrained with an explicit dtype: transformers 5 otherwise keeps the checkpoint's (a bf16
-    checkpoint would train in pure bf16); a path or hub id that cannot be loaded is one error line."""
+def load_pretrained(cls, path: str, dtype: torch.dtype, args, **kwargs):
+    """from_pretrained with an explicit dtype (transformers 5 otherwise keeps the checkpoint's: a bf16
+    checkpoint would train in pure bf16) and the run's --attn_implementation, for trained and frozen
+    models alike; a path, hub id or attention kernel that cannot be loaded is one error line."""
     check_model_path(path)
     try:
-        return cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
-    except OSError as e:
+        return cls.from_pretrained(path, dtype=dtype, trust_remote_code=args.trust_remote_code,
+                                   attn_implementation=args.attn_implementation, **kwargs)  # fmt: skip
+    except (OSError, ValueError, ImportError) as e:
         raise DataError(
             f"cannot load a model from {path!r}: {str(e).splitlines()[0][:200]}"
         ) from None

@@ -69,6 +69,8 @@ class Args:
     """tokenizer to use (defaults to model_name_or_path)"""
     trust_remote_code: bool = False
     """allow model/tokenizer code from the hub to run (opt-in)"""
+    attn_implementation: str | None = None
+    """attention kernel of every model loaded: eager, sdpa, flash_attention_2, ... (None: transformers')"""
     dataset_name: str = "Anthropic/hh-rlhf"
     """hub id, or a local .json/.jsonl/.parquet file or a directory of them (files named after splits)"""
     dataset_config: str | None = None
@@ -314,7 +316,7 @@ def load_reward_model(args, tokenizer):
         AutoModelForSequenceClassification,
         args.model_name_or_path,
         torch.float32,
-        args.trust_remote_code,
+        args,
         num_labels=1,
         pad_token_id=tokenizer.pad_token_id,
         output_loading_info=True,
@@ -854,13 +856,15 @@ def check_model_path(path: str, what: str = "model"):
         ) from None
 
 
-def load_pretrained(cls, path: str, dtype: torch.dtype, trust_remote_code: bool, **kwargs):
-    """from_pretrained with an explicit dtype: transformers 5 otherwise keeps the checkpoint's (a bf16
-    checkpoint would train in pure bf16); a path or hub id that cannot be loaded is one error line."""
+def load_pretrained(cls, path: str, dtype: torch.dtype, args, **kwargs):
+    """from_pretrained with an explicit dtype (transformers 5 otherwise keeps the checkpoint's: a bf16
+    checkpoint would train in pure bf16) and the run's --attn_implementation, for trained and frozen
+    models alike; a path, hub id or attention kernel that cannot be loaded is one error line."""
     check_model_path(path)
     try:
-        return cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
-    except OSError as e:
+        return cls.from_pretrained(path, dtype=dtype, trust_remote_code=args.trust_remote_code,
+                                   attn_implementation=args.attn_implementation, **kwargs)  # fmt: skip
+    except (OSError, ValueError, ImportError) as e:
         raise DataError(
             f"cannot load a model from {path!r}: {str(e).splitlines()[0][:200]}"
         ) from None

@@ -156,3 +156,27 @@ def test_shared_helpers_sit_in_the_fenced_block_after_main(script):
     assert "main" in above
     shared_above = sorted(name for name in above if name in SHARED)
     assert not shared_above, f"{script}: shared helpers above the fence: {shared_above}"
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_attn_implementation_reaches_every_model(kernel, tiny_model, tmp_path):
+    """--attn_implementation goes to every from_pretrained, trained and frozen: ppo.py's policy,
+    reference, reward model and critic, dpo.py's policy and reference, and the other scripts' loads
+    (all through the shared load_pretrained); an unknown kernel is one error line."""
+    from test_ppo import save_reward_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import dpo
+    import ppo
+    import sft
+
+    rm = save_reward_model(AutoTokenizer.from_pretrained(tiny_model), tmp_path / "rm")
+    args = ppo.Args(model_name_or_path=tiny_model, reward_model_name_or_path=rm,
+                    attn_implementation=kernel)  # fmt: skip
+    models = ppo.load_models(args, AutoTokenizer.from_pretrained(tiny_model), None)
+    dpo_args = dpo.Args(model_name_or_path=tiny_model, attn_implementation=kernel)
+    models += (dpo.load_policy(dpo_args, tiny_model),)
+    assert [m.config._attn_implementation for m in models] == [kernel] * 5
+    with pytest.raises(sft.DataError, match="cannot load a model from"):
+        bad = sft.Args(model_name_or_path=tiny_model, attn_implementation="no_such_kernel")
+        sft.load_pretrained(AutoModelForCausalLM, tiny_model, sft.torch.float32, bad)
