@@ -67,6 +67,8 @@ class Args:
     """hub id or local directory of the causal LM (usually the SFT model) or, with --eval_only, the reward model"""
     tokenizer_name_or_path: str | None = None
     """tokenizer to use (defaults to model_name_or_path)"""
+    chat_template_path: str | None = None
+    """a Jinja chat template file for a tokenizer without one (or to replace its own); saved with it"""
     trust_remote_code: bool = False
     """allow model/tokenizer code from the hub to run (opt-in)"""
     attn_implementation: str | None = None
@@ -879,6 +881,10 @@ def load_tokenizer(args):
         raise DataError(
             f"cannot load a tokenizer from {path!r}: {str(e).splitlines()[0][:200]}"
         ) from None
+    if args.chat_template_path:  # a Jinja chat template for a tokenizer that has none (or another)
+        if not Path(args.chat_template_path).is_file():
+            raise DataError(f"--chat_template_path {args.chat_template_path}: no such file")
+        tokenizer.chat_template = Path(args.chat_template_path).read_text()
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; completions must end in EOS")
     if tokenizer.pad_token_id is None:

@@ -60,6 +60,8 @@ class Args:
     """hub id or local directory of the causal LM to fine-tune"""
     tokenizer_name_or_path: str | None = None
     """tokenizer to use (defaults to model_name_or_path)"""
+    chat_template_path: str | None = None
+    """a Jinja chat template file for a tokenizer without one (or to replace its own); saved with it"""
     init_from_scratch: bool = False
     """build the model from the config at model_name_or_path with fresh random weights"""
     trust_remote_code: bool = False
@@ -147,12 +149,14 @@ def sft_loss_sum(model, batch):
 
 
 def to_sft(ds: Dataset, filter: str = "none") -> Dataset:
-    """prompt+completion and messages pass through; preference data trains on its chosen response."""
+    """prompt+completion, messages and plain text pass through; preference data trains on its chosen
+    response."""
     cols = set(ds.column_names)
     if {"prompt", "completion"} <= cols:
         return ds.select_columns(["prompt", "completion"])
-    if "messages" in cols:
-        return ds.select_columns(["messages"])
+    for column in ("messages", "text"):
+        if column in cols:
+            return ds.select_columns([column])
     try:
         pref = to_preference(ds, filter)
     except DataError as e:
@@ -160,7 +164,7 @@ def to_sft(ds: Dataset, filter: str = "none") -> Dataset:
             raise
         raise DataError(
             f"dataset has columns {sorted(cols)}; expected one of: prompt+completion, messages, "
-            "or a preference shape (prompt+chosen+rejected, chosen+rejected, SafeRLHF)"
+            "text, or a preference shape (prompt+chosen+rejected, chosen+rejected, SafeRLHF)"
         ) from None
     return pref.rename_column("chosen", "completion").select_columns(["prompt", "completion"])
 
@@ -203,12 +207,23 @@ def tokenize_sft(
         "prompt leaves no room within max_length": 0,
         "empty completion": 0,
         "no assistant turn": 0,
+        "empty text": 0,
     }
     # A prompt that tokenizes to nothing (empty, no BOS added) gets BOS (or EOS) as context, so the
     # completion's first token is a target too.
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     for i, row in enumerate(ds):
-        if "messages" in row:
+        if "text" in row:  # language modelling on the whole text: every token after the first
+            check_text(row["text"], "text", i, messages_ok=False)
+            ids = tokenizer(row["text"]).input_ids
+            if not tokenizer(row["text"], add_special_tokens=False).input_ids:
+                dropped["empty text"] += 1
+                continue
+            ids = ids if ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
+            n_truncated += len(ids) > max_length
+            ids = ids[:max_length]
+            mask = [0] + [1] * (len(ids) - 1)
+        elif "messages" in row:
             check_text(row["messages"], "messages", i)
             if isinstance(row["messages"], str):
                 raise DataError(
@@ -798,6 +813,10 @@ def load_tokenizer(args):
         raise DataError(
             f"cannot load a tokenizer from {path!r}: {str(e).splitlines()[0][:200]}"
         ) from None
+    if args.chat_template_path:  # a Jinja chat template for a tokenizer that has none (or another)
+        if not Path(args.chat_template_path).is_file():
+            raise DataError(f"--chat_template_path {args.chat_template_path}: no such file")
+        tokenizer.chat_template = Path(args.chat_template_path).read_text()
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; completions must end in EOS")
     if tokenizer.pad_token_id is None:

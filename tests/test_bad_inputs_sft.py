@@ -20,7 +20,7 @@ MSG = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hell
 # name -> rows of a JSONL file (None: no file is written; the case names its own dataset_name)
 DATA = {
     "pc": PC,
-    "wrong_columns": [{"text": "hello"}],
+    "wrong_columns": [{"body": "hello"}],
     "no_completion": [{"prompt": "hello"}],
     "list_prompt": [{"prompt": ["a", "b"], "completion": " c"}],
     "int_completion": [{"prompt": "a", "completion": 3}],
@@ -89,7 +89,7 @@ CASES = [
     (
         "wrong columns",
         {"dataset_name": "{wrong_columns}"},
-        ["['text']", "prompt+completion", "messages"],
+        ["['body']", "prompt+completion", "messages", "text"],
     ),
     ("missing completion column", {"dataset_name": "{no_completion}"}, ["['prompt']"]),
     (

@@ -56,6 +56,44 @@ def test_max_prompt_length_cuts_a_conversations_context_from_its_start(tok, data
     assert masked_text(tok, cut) == masked_text(tok, full)
 
 
+def test_plain_text_trains_on_every_token_after_the_first(
+    tok, tiny_model, run_script, weights, tmp_path
+):
+    """A `text` column (the commonest SFT shape): language modelling on the whole text, EOS appended,
+    long texts keep their start; an empty text is dropped with a count; and a run on it trains."""
+    rows = [{"text": "Once upon a time there was a model."}, {"text": ""}, {"text": "good " * 40}]
+    ds = sft.to_sft(sft.Dataset.from_list(rows))
+    first, long = sft.tokenize_sft(ds, tok, 16, None, "t")
+    ids = tok(rows[0]["text"]).input_ids + [tok.eos_token_id]
+    assert first["input_ids"] == ids and first["loss_mask"] == [0] + [1] * (len(ids) - 1)
+    assert long["input_ids"] == tok(rows[2]["text"]).input_ids[:16] and sum(long["loss_mask"]) == 15
+    path = write_jsonl(
+        tmp_path / "text.jsonl", [{"text": t} for t in (rows[0]["text"], "good day") * 4]
+    )
+    out = tmp_path / "out"
+    run_script("sft.py", "--model_name_or_path", tiny_model, "--dataset_name", path,
+               "--max_steps", 2, "--learning_rate", 1e-3, "--output_dir", out)  # fmt: skip
+    w, w0 = weights(out), weights(tiny_model)
+    assert any(not torch.equal(w[k], w0[k]) for k in w)
+
+
+def test_chat_template_path_gives_a_tokenizer_its_template(tiny_models, tmp_path):
+    """--chat_template_path: a Jinja file becomes the tokenizer's chat template (saved with it); a
+    missing file is one error line."""
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
+    args = sft.Args(model_name_or_path=tiny_models["llama_nopad"], chat_template_path=str(template))
+    tokenizer = sft.load_tokenizer(args)
+    assert tokenizer.chat_template == template.read_text()
+    assert sft.render_chat(tokenizer, [{"role": "user", "content": "hi"}]) == "[user] hi\n"
+    tokenizer.save_pretrained(tmp_path / "saved")
+    assert AutoTokenizer.from_pretrained(tmp_path / "saved").chat_template == template.read_text()
+    with pytest.raises(sft.DataError, match="no such file"):
+        sft.load_tokenizer(
+            sft.Args(model_name_or_path=args.model_name_or_path, chat_template_path="x.j2")
+        )
+
+
 def test_a_tokenizer_that_appends_eos_to_every_text_does_not_end_prompts_with_it():
     """add_eos_token=True (a Llama tokenizer option) appends EOS to every text: a prompt ending in EOS
     would teach the model to read a stop token before every answer."""
