@@ -196,6 +196,10 @@ class Args:
     """eval prompts whose responses are written to samples.jsonl at each eval"""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     """experiment tracker"""
+    project: str | None = None
+    """tracker project (default: $WANDB_PROJECT for wandb, else the stage's name)"""
+    run_name: str | None = None
+    """tracker run name (default: wandb's $WANDB_NAME or its own; tensorboard: the project)"""
 
 
 # ---- PPO math (pure functions; tests compare them with hand-written loops) ----
@@ -794,6 +798,7 @@ def main(args: Args):
         num_iterations = math.ceil(args.num_train_epochs * iters_per_epoch)
     resume_from = find_checkpoint(args.output_dir, args.resume_from_checkpoint)
     on_main(accelerator, prepare_output_dir, args, resume_from)  # refuse to mix runs
+    on_main(accelerator, start_tracker, accelerator, args, "ppo", resume_from is not None)
     sizes_line = ", ".join(f"{k}={v}" for k, v in sizes.items())
     accelerator.print(f"{sizes_line}, iterations={num_iterations}")
 
@@ -843,7 +848,6 @@ def main(args: Args):
         scheduler.load_state_dict(state["scheduler"])
         value_stats.load_state_dict(state["value_stats"])
         load_reference(accelerator, ref_model, resume_from / "reference.safetensors")
-    accelerator.init_trackers("ppo", config=asdict(args))
     log = MetricsLog(accelerator, args.output_dir, step)
     if step and accelerator.is_main_process:  # evaluations after the checkpoint are re-run
         keep_rows_up_to(Path(args.output_dir) / "samples.jsonl", step)
@@ -1507,6 +1511,27 @@ def keep_rows_up_to(path: Path, step: int):
         tmp.replace(path)
 
 
+def start_tracker(accelerator, args, stage: str, resuming: bool):
+    """The tracker's run (main process): its project is --project, else the tracker's own environment
+    (WANDB_PROJECT; wandb reads WANDB_ENTITY and WANDB_NAME itself), else the stage's name; its name
+    --run_name. A tracker that cannot start (wandb without an API key) is one error line, and a new
+    run's args.json is removed so that it does not block the retry."""
+    if args.report_to == "none":
+        return
+    env_project = os.environ.get("WANDB_PROJECT") if args.report_to == "wandb" else None
+    project = args.project or env_project or stage
+    if args.report_to == "tensorboard":  # its run is a folder: output_dir/<name>
+        project = args.run_name or project
+    init = {"wandb": {"name": args.run_name}} if args.run_name else {}
+    try:
+        accelerator.init_trackers(project, config=asdict(args), init_kwargs=init)
+    except Exception as e:
+        if not resuming:
+            (Path(args.output_dir) / "args.json").unlink(missing_ok=True)
+        cause = " ".join(str(e).split())[:200]
+        raise DataError(f"--report_to {args.report_to}: cannot start ({type(e).__name__}: {cause})")
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per logging step, written by the main process, flushed as written.
     On resume from step N, rows after N (written by the run that was interrupted) are dropped first."""
@@ -1531,7 +1556,7 @@ class MetricsLog:
 RESUME_MAY_CHANGE = {  # the step budget and logging; a moved or copied run directory still resumes
     "max_steps", "num_train_epochs", "num_iterations", "total_episodes", "iterations", "logging_steps",
     "eval_steps", "save_steps", "resume_from_checkpoint", "overwrite_output_dir", "report_to",
-    "output_dir",
+    "project", "run_name", "output_dir",
 }  # fmt: skip
 
 

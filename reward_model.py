@@ -134,6 +134,10 @@ class Args:
     """'latest' or a path to output_dir/checkpoints/step_N to continue from"""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     """experiment tracker (its package must be installed)"""
+    project: str | None = None
+    """tracker project (default: $WANDB_PROJECT for wandb, else the stage's name)"""
+    run_name: str | None = None
+    """tracker run name (default: wandb's $WANDB_NAME or its own; tensorboard: the project)"""
 
 
 # ---- the math: Bradley-Terry loss on rewards read at the last real token (Sec. 3, Eq. 3-4) ----
@@ -435,6 +439,9 @@ def main(args: Args):
     )
     if not args.eval_only:  # refuse to mix runs; all processes stop on the same verdict
         on_main(accelerator, prepare_output_dir, args, resume_from)
+    on_main(
+        accelerator, start_tracker, args, "reward_model", resume_from is not None or args.eval_only
+    )
 
     # ---- 2. model: float32 weights (mixed precision comes from --bf16 autocast or DeepSpeed) ----
     model, fresh_head = load_reward_model(args, tokenizer)
@@ -489,7 +496,6 @@ def main(args: Args):
         state = load_checkpoint(accelerator, resume_from)
         step = state["step"]
         scheduler.load_state_dict(state["scheduler"])
-    accelerator.init_trackers("reward_model", config=asdict(args))
     log = MetricsLog(accelerator, args.output_dir, resume_step=step)
 
     # ---- 4. train ----
@@ -983,6 +989,27 @@ def keep_rows_up_to(path: Path, step: int):
         tmp.replace(path)
 
 
+def start_tracker(accelerator, args, stage: str, resuming: bool):
+    """The tracker's run (main process): its project is --project, else the tracker's own environment
+    (WANDB_PROJECT; wandb reads WANDB_ENTITY and WANDB_NAME itself), else the stage's name; its name
+    --run_name. A tracker that cannot start (wandb without an API key) is one error line, and a new
+    run's args.json is removed so that it does not block the retry."""
+    if args.report_to == "none":
+        return
+    env_project = os.environ.get("WANDB_PROJECT") if args.report_to == "wandb" else None
+    project = args.project or env_project or stage
+    if args.report_to == "tensorboard":  # its run is a folder: output_dir/<name>
+        project = args.run_name or project
+    init = {"wandb": {"name": args.run_name}} if args.run_name else {}
+    try:
+        accelerator.init_trackers(project, config=asdict(args), init_kwargs=init)
+    except Exception as e:
+        if not resuming:
+            (Path(args.output_dir) / "args.json").unlink(missing_ok=True)
+        cause = " ".join(str(e).split())[:200]
+        raise DataError(f"--report_to {args.report_to}: cannot start ({type(e).__name__}: {cause})")
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per logging step, written by the main process, flushed as written.
     On resume from step N, rows after N (written by the run that was interrupted) are dropped first."""
@@ -1007,7 +1034,7 @@ class MetricsLog:
 RESUME_MAY_CHANGE = {  # the step budget and logging; a moved or copied run directory still resumes
     "max_steps", "num_train_epochs", "num_iterations", "total_episodes", "iterations", "logging_steps",
     "eval_steps", "save_steps", "resume_from_checkpoint", "overwrite_output_dir", "report_to",
-    "output_dir",
+    "project", "run_name", "output_dir",
 }  # fmt: skip
 
 

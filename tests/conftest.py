@@ -412,6 +412,16 @@ def _run(cmd, env, timeout, check, warm=None):
     return proc
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state: a run of main() in this process (another precision, a tracker) needs it reset (and after)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def run_script():
     """run_script("sft.py", "--max_steps", "2", ..., check=True) -> CompletedProcess (stdout+stderr

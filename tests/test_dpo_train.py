@@ -379,16 +379,6 @@ def test_deepspeed_config_with_other_accumulation_is_refused(
     assert len(errors) == 1 and "gradient_accumulation_steps=2" in errors.pop(), proc.stderr[-2000:]
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    """accelerate keeps one process-wide state: a --bf16 run in this process needs it reset (and after)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.parametrize("mode", ["live", "pre", "iter"])
 def test_bf16_step0_is_an_exact_identity(
     mode, fresh_accelerator_state, tiny_model, data_files, metrics, tmp_path

@@ -97,16 +97,6 @@ def in_process(policy, prompts, out, **extra) -> dict:
     }  # fmt: skip
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    """accelerate keeps one process-wide state: a --bf16 run in this process needs it reset (and after)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def save_reward_model(tokenizer, path, arch="llama", seed=0, mean=0.0, std=1.0):
     """A reward_model.py-shaped checkpoint built from config (the contract), with its tokenizer."""
     from transformers import AutoModelForSequenceClassification

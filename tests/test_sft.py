@@ -559,6 +559,36 @@ def test_a_one_step_run_with_the_default_warmup_learns(
     assert any(not torch.equal(w[k], w0[k]) for k in w), "the only step ran at lr 0"
 
 
+def test_wandb_honours_its_environment_and_a_failed_start_blocks_no_retry(
+    fresh_accelerator_state, tiny_model, data_files, tmp_path, monkeypatch
+):
+    """wandb's own variables name the run (WANDB_PROJECT was ignored: runs went to a project named
+    after the stage); --run_name names it too. A wandb run that cannot start (no API key) is one error
+    line and leaves no args.json to block the retry. Offline: WANDB_MODE=offline writes locally."""
+    import wandb
+
+    started = []
+    real_init = wandb.init
+    monkeypatch.setattr(wandb, "init", lambda **kw: started.append(kw) or real_init(**kw))
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_PROJECT", "my-project")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    out = tmp_path / "out"
+    run = dict(model_name_or_path=tiny_model, dataset_name=data_files["prompt_completion"],  # noqa: C408
+               max_steps=1, output_dir=str(out), report_to="wandb", run_name="first-try")  # fmt: skip
+    message = main_error("sft.py", **run)
+    assert message.startswith("--report_to wandb: cannot start (") and "API key" in message, message
+    assert not (out / "args.json").exists()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb.teardown()  # (wandb keeps its settings per process; a retry is a new process)
+    sft.main(sft.Args(**run))  # the retry in the same folder trains
+    assert [(kw["project"], kw.get("name")) for kw in started] == [("my-project", "first-try")] * 2
+    assert (out / "model.safetensors").exists() and list((tmp_path / "wandb").glob("offline-run-*"))
+    wandb.teardown()
+
+
 def test_resume_matches_uninterrupted_run(
     tiny_model, data_files, run_script, weights, metrics, tmp_path
 ):
