@@ -89,8 +89,6 @@ class Args:
     """split to train on; slicing works, e.g. 'train[:90%]'"""
     eval_split: str | None = None
     """split for the eval/ metrics, e.g. 'test' or 'train[90%:]' (None: no evaluation)"""
-    filter: Literal["none", "dual_safe", "dual_unsafe"] = "none"
-    """SafeRLHF-style data: drop pairs where both responses are safe / both unsafe (paper Table 2)"""
     max_length: int = 512
     """maximum tokens of prompt + response"""
     max_prompt_length: int | None = None
@@ -809,8 +807,8 @@ def main(args: Args):
         ds = load_split(args.dataset_name, args.dataset_config, split)
         limits = (args.max_length, args.max_prompt_length)
         if online:
-            return tokenize_prompts(to_prompts(ds, args.filter), tokenizer, *limits, name)
-        return tokenize_preference(to_preference(ds, args.filter), tokenizer, *limits, name)
+            return tokenize_prompts(to_prompts(ds), tokenizer, *limits, name)
+        return tokenize_preference(to_preference(ds), tokenizer, *limits, name)
 
     train = [] if args.eval_only else load_data(args.train_split, "train")
     evals = load_data(args.eval_split, "eval") if args.eval_split else []
@@ -975,53 +973,16 @@ def split_hh_transcript(chosen: str, rejected: str):
     return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
 
 
-SAFERLHF_COLUMNS = [
-    "prompt",
-    "response_0",
-    "response_1",
-    "better_response_id",
-    "safer_response_id",
-    "is_response_0_safe",
-    "is_response_1_safe",
-]
-
-
-def to_preference(ds: Dataset, filter: str = "none") -> Dataset:
-    """Any preference shape of docs/design.md section 4 -> columns prompt, chosen, rejected (types checked per row)."""
+def to_preference(ds: Dataset) -> Dataset:
+    """Any preference shape of docs/design.md section 4 -> columns prompt, chosen, rejected (types
+    checked per row). SafeRLHF-style rows are converted once, by prepare_data.py."""
     cols = set(ds.column_names)
     if {"response_0", "response_1"} <= cols:
-        missing = [c for c in SAFERLHF_COLUMNS if c not in cols]
-        if missing:
-            raise DataError(f"SafeRLHF-style data (response_0/response_1) lacks columns {missing}")
-        for i, row in enumerate(ds.select_columns(SAFERLHF_COLUMNS)):
-            for c, value in row.items():
-                if c in ("prompt", "response_0", "response_1"):
-                    check_text(value, c, i)
-                # the two ids are 0 or 1 (not a bool); the two safety labels are bools
-                elif c.startswith("is_") != isinstance(value, bool) or value not in (0, 1):
-                    expected = "true or false" if c.startswith("is_") else "0 or 1"
-                    raise DataError(f"row {i}, column '{c}': expected {expected}, found {value!r}")
-
-        # Paper Sec. 4.3: prefer the safer response when safety differs, else the more helpful one.
-        def saferlhf(row):
-            safe = (row["is_response_0_safe"], row["is_response_1_safe"])
-            win = row["safer_response_id"] if safe[0] != safe[1] else row["better_response_id"]
-            return {
-                "prompt": row["prompt"],
-                "chosen": row[f"response_{win}"],
-                "rejected": row[f"response_{1 - win}"],
-            }
-
-        keep = {
-            "none": lambda r: True,
-            "dual_safe": lambda r: not (r["is_response_0_safe"] and r["is_response_1_safe"]),
-            "dual_unsafe": lambda r: r["is_response_0_safe"] or r["is_response_1_safe"],
-        }[filter]
-        n = len(ds)
-        ds = ds.filter(keep)
-        print(f"SafeRLHF construction: kept {len(ds)} of {n} pairs (filter={filter})")
-        ds = ds.map(saferlhf, remove_columns=ds.column_names)
-    elif {"prompt", "chosen", "rejected"} <= cols:
+        raise DataError(
+            "SafeRLHF-style data (response_0/response_1): turn it into preference pairs first, with "
+            "the paper's construction: python prepare_data.py --dataset_name NAME --output pairs.jsonl"
+        )
+    if {"prompt", "chosen", "rejected"} <= cols:
         ds = ds.select_columns(["prompt", "chosen", "rejected"])
         for i, row in enumerate(ds):
             for c in ("prompt", "chosen", "rejected"):
@@ -1039,14 +1000,14 @@ def to_preference(ds: Dataset, filter: str = "none") -> Dataset:
     else:
         raise DataError(
             f"dataset has columns {sorted(cols)}; expected one of: prompt+chosen+rejected, "
-            "chosen+rejected (HH-RLHF), prompt+response_0+response_1+better_response_id+safer_response_id"
+            "chosen+rejected (HH-RLHF)"
         )
     if len(ds) == 0:
-        raise DataError("no preference pairs left after filtering")
+        raise DataError("no preference pairs in the dataset")
     return ds
 
 
-def to_prompts(ds: Dataset, filter: str = "none") -> list:
+def to_prompts(ds: Dataset) -> list:
     """Any prompt source: a `prompt` column (string or messages), a preference shape, or conversations
     (`messages` up to the last assistant turn)."""
     cols = set(ds.column_names)
@@ -1074,13 +1035,13 @@ def to_prompts(ds: Dataset, filter: str = "none") -> list:
             prompts.append(messages[:last])
         return prompts
     try:
-        return list(to_preference(ds, filter)["prompt"])
+        return list(to_preference(ds)["prompt"])
     except DataError as e:
         if "expected one of" not in str(e):
             raise
         raise DataError(
             f"dataset has columns {sorted(cols)}; expected prompts: a prompt column, messages, or a "
-            "preference shape (prompt+chosen+rejected, chosen+rejected, SafeRLHF)"
+            "preference shape (prompt+chosen+rejected, chosen+rejected)"
         ) from None
 
 

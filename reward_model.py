@@ -54,8 +54,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 @dataclass
 class Args:
     """Reward modeling: train a Bradley-Terry reward model (a scalar head read at the last token) on
-    preference pairs (prompt+chosen+rejected, HH-RLHF transcripts or SafeRLHF), or score one with
-    --eval_only.
+    preference pairs (prompt+chosen+rejected, or HH-RLHF transcripts; SafeRLHF through
+    prepare_data.py), or score one with --eval_only.
 
     Example, offline with local files:
     python reward_model.py --model_name_or_path outputs/sft --dataset_name pairs.jsonl --max_steps 100
@@ -81,8 +81,6 @@ class Args:
     """split to train on; slicing works, e.g. 'train[:90%]'"""
     eval_split: str | None = None
     """split for eval accuracy and the reward statistics, e.g. 'test' or 'train[90%:]' (None: no evaluation)"""
-    filter: Literal["none", "dual_safe", "dual_unsafe"] = "none"
-    """SafeRLHF-style data: drop pairs where both responses are safe / both unsafe (paper Table 2)"""
     max_length: int = 512
     """maximum tokens of prompt + response"""
     max_prompt_length: int | None = None
@@ -236,25 +234,15 @@ def check_reward_args(args: Args):
             )
 
 
-def to_reward_pairs(ds: Dataset, filter: str = "none") -> Dataset:
+def to_reward_pairs(ds: Dataset) -> Dataset:
     """Any preference shape -> columns prompt, chosen, rejected, margin (an optional `margin` column of
     finite numbers is kept for the margin loss; 0 when absent)."""
     cols = ds.column_names
-    if filter != "none" and "safer_response_id" not in cols:
-        raise DataError(
-            f"--filter {filter} needs SafeRLHF-style data (is_response_*_safe columns); "
-            f"found columns {sorted(cols)}"
-        )
-    if "margin" in cols and "response_0" in cols:  # the winner is derived here, not given
-        raise DataError(
-            "column 'margin' works with prompt+chosen+rejected or HH-RLHF data, not SafeRLHF-style "
-            "data (response_0/response_1), whose chosen side is derived from the safety labels"
-        )
     margins = list(ds["margin"]) if "margin" in cols else None
     for i, m in enumerate(margins or []):
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
             raise DataError(f"row {i}, column 'margin': expected a finite number, found {m!r}")
-    pairs = to_preference(ds, filter)
+    pairs = to_preference(ds)
     return pairs.add_column(
         "margin", [float(m) for m in margins] if margins else [0.0] * len(pairs)
     )
@@ -402,9 +390,7 @@ def main(args: Args):
         else [("train", args.train_split)]
         + ([("eval", args.eval_split)] if args.eval_split else [])
     ):
-        raw[name] = to_reward_pairs(
-            load_split(args.dataset_name, args.dataset_config, split), args.filter
-        )
+        raw[name] = to_reward_pairs(load_split(args.dataset_name, args.dataset_config, split))
     tokenizer = load_tokenizer(args)
     pairs = {
         name: tokenize_pairs(ds, tokenizer, args.max_length, args.max_prompt_length, name)
@@ -440,7 +426,12 @@ def main(args: Args):
     if not args.eval_only:  # refuse to mix runs; all processes stop on the same verdict
         on_main(accelerator, prepare_output_dir, args, resume_from)
     on_main(
-        accelerator, start_tracker, args, "reward_model", resume_from is not None or args.eval_only
+        accelerator,
+        start_tracker,
+        accelerator,
+        args,
+        "reward_model",
+        resume_from is not None or args.eval_only,
     )
 
     # ---- 2. model: float32 weights (mixed precision comes from --bf16 autocast or DeepSpeed) ----
@@ -665,53 +656,16 @@ def split_hh_transcript(chosen: str, rejected: str):
     return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
 
 
-SAFERLHF_COLUMNS = [
-    "prompt",
-    "response_0",
-    "response_1",
-    "better_response_id",
-    "safer_response_id",
-    "is_response_0_safe",
-    "is_response_1_safe",
-]
-
-
-def to_preference(ds: Dataset, filter: str = "none") -> Dataset:
-    """Any preference shape of docs/design.md section 4 -> columns prompt, chosen, rejected (types checked per row)."""
+def to_preference(ds: Dataset) -> Dataset:
+    """Any preference shape of docs/design.md section 4 -> columns prompt, chosen, rejected (types
+    checked per row). SafeRLHF-style rows are converted once, by prepare_data.py."""
     cols = set(ds.column_names)
     if {"response_0", "response_1"} <= cols:
-        missing = [c for c in SAFERLHF_COLUMNS if c not in cols]
-        if missing:
-            raise DataError(f"SafeRLHF-style data (response_0/response_1) lacks columns {missing}")
-        for i, row in enumerate(ds.select_columns(SAFERLHF_COLUMNS)):
-            for c, value in row.items():
-                if c in ("prompt", "response_0", "response_1"):
-                    check_text(value, c, i)
-                # the two ids are 0 or 1 (not a bool); the two safety labels are bools
-                elif c.startswith("is_") != isinstance(value, bool) or value not in (0, 1):
-                    expected = "true or false" if c.startswith("is_") else "0 or 1"
-                    raise DataError(f"row {i}, column '{c}': expected {expected}, found {value!r}")
-
-        # Paper Sec. 4.3: prefer the safer response when safety differs, else the more helpful one.
-        def saferlhf(row):
-            safe = (row["is_response_0_safe"], row["is_response_1_safe"])
-            win = row["safer_response_id"] if safe[0] != safe[1] else row["better_response_id"]
-            return {
-                "prompt": row["prompt"],
-                "chosen": row[f"response_{win}"],
-                "rejected": row[f"response_{1 - win}"],
-            }
-
-        keep = {
-            "none": lambda r: True,
-            "dual_safe": lambda r: not (r["is_response_0_safe"] and r["is_response_1_safe"]),
-            "dual_unsafe": lambda r: r["is_response_0_safe"] or r["is_response_1_safe"],
-        }[filter]
-        n = len(ds)
-        ds = ds.filter(keep)
-        print(f"SafeRLHF construction: kept {len(ds)} of {n} pairs (filter={filter})")
-        ds = ds.map(saferlhf, remove_columns=ds.column_names)
-    elif {"prompt", "chosen", "rejected"} <= cols:
+        raise DataError(
+            "SafeRLHF-style data (response_0/response_1): turn it into preference pairs first, with "
+            "the paper's construction: python prepare_data.py --dataset_name NAME --output pairs.jsonl"
+        )
+    if {"prompt", "chosen", "rejected"} <= cols:
         ds = ds.select_columns(["prompt", "chosen", "rejected"])
         for i, row in enumerate(ds):
             for c in ("prompt", "chosen", "rejected"):
@@ -729,10 +683,10 @@ def to_preference(ds: Dataset, filter: str = "none") -> Dataset:
     else:
         raise DataError(
             f"dataset has columns {sorted(cols)}; expected one of: prompt+chosen+rejected, "
-            "chosen+rejected (HH-RLHF), prompt+response_0+response_1+better_response_id+safer_response_id"
+            "chosen+rejected (HH-RLHF)"
         )
     if len(ds) == 0:
-        raise DataError("no preference pairs left after filtering")
+        raise DataError("no preference pairs in the dataset")
     return ds
 
 

@@ -76,8 +76,6 @@ class Args:
     """split to train on; slicing works, e.g. 'train[:90%]'"""
     eval_split: str | None = None
     """split for eval loss and samples, e.g. 'test' or 'train[90%:]' (None: no evaluation)"""
-    filter: Literal["none", "dual_safe", "dual_unsafe"] = "none"
-    """SafeRLHF-style data: drop pairs where both responses are safe / both unsafe (paper Table 2)"""
     max_length: int = 512
     """maximum tokens of prompt + completion"""
     max_prompt_length: int | None = None
@@ -152,7 +150,7 @@ def sft_loss_sum(model, batch):
 # ---- SFT data ----
 
 
-def to_sft(ds: Dataset, filter: str = "none") -> Dataset:
+def to_sft(ds: Dataset) -> Dataset:
     """prompt+completion, messages and plain text pass through; preference data trains on its chosen
     response."""
     cols = set(ds.column_names)
@@ -162,13 +160,13 @@ def to_sft(ds: Dataset, filter: str = "none") -> Dataset:
         if column in cols:
             return ds.select_columns([column])
     try:
-        pref = to_preference(ds, filter)
+        pref = to_preference(ds)
     except DataError as e:
         if "expected one of" not in str(e):
             raise
         raise DataError(
             f"dataset has columns {sorted(cols)}; expected one of: prompt+completion, messages, "
-            "text, or a preference shape (prompt+chosen+rejected, chosen+rejected, SafeRLHF)"
+            "text, or a preference shape (prompt+chosen+rejected, chosen+rejected)"
         ) from None
     return pref.rename_column("chosen", "completion").select_columns(["prompt", "completion"])
 
@@ -390,7 +388,7 @@ def main(args: Args):
     tokenizer = load_tokenizer(args)
 
     def load_and_tokenize(split: str, name: str) -> list:
-        ds = to_sft(load_split(args.dataset_name, args.dataset_config, split), args.filter)
+        ds = to_sft(load_split(args.dataset_name, args.dataset_config, split))
         return tokenize_sft(ds, tokenizer, args.max_length, args.max_prompt_length, name)
 
     train = load_and_tokenize(args.train_split, "train")
@@ -616,53 +614,16 @@ def split_hh_transcript(chosen: str, rejected: str):
     return prompt, chosen[len(prompt) :], rejected[len(prompt) :]
 
 
-SAFERLHF_COLUMNS = [
-    "prompt",
-    "response_0",
-    "response_1",
-    "better_response_id",
-    "safer_response_id",
-    "is_response_0_safe",
-    "is_response_1_safe",
-]
-
-
-def to_preference(ds: Dataset, filter: str = "none") -> Dataset:
-    """Any preference shape of docs/design.md section 4 -> columns prompt, chosen, rejected (types checked per row)."""
+def to_preference(ds: Dataset) -> Dataset:
+    """Any preference shape of docs/design.md section 4 -> columns prompt, chosen, rejected (types
+    checked per row). SafeRLHF-style rows are converted once, by prepare_data.py."""
     cols = set(ds.column_names)
     if {"response_0", "response_1"} <= cols:
-        missing = [c for c in SAFERLHF_COLUMNS if c not in cols]
-        if missing:
-            raise DataError(f"SafeRLHF-style data (response_0/response_1) lacks columns {missing}")
-        for i, row in enumerate(ds.select_columns(SAFERLHF_COLUMNS)):
-            for c, value in row.items():
-                if c in ("prompt", "response_0", "response_1"):
-                    check_text(value, c, i)
-                # the two ids are 0 or 1 (not a bool); the two safety labels are bools
-                elif c.startswith("is_") != isinstance(value, bool) or value not in (0, 1):
-                    expected = "true or false" if c.startswith("is_") else "0 or 1"
-                    raise DataError(f"row {i}, column '{c}': expected {expected}, found {value!r}")
-
-        # Paper Sec. 4.3: prefer the safer response when safety differs, else the more helpful one.
-        def saferlhf(row):
-            safe = (row["is_response_0_safe"], row["is_response_1_safe"])
-            win = row["safer_response_id"] if safe[0] != safe[1] else row["better_response_id"]
-            return {
-                "prompt": row["prompt"],
-                "chosen": row[f"response_{win}"],
-                "rejected": row[f"response_{1 - win}"],
-            }
-
-        keep = {
-            "none": lambda r: True,
-            "dual_safe": lambda r: not (r["is_response_0_safe"] and r["is_response_1_safe"]),
-            "dual_unsafe": lambda r: r["is_response_0_safe"] or r["is_response_1_safe"],
-        }[filter]
-        n = len(ds)
-        ds = ds.filter(keep)
-        print(f"SafeRLHF construction: kept {len(ds)} of {n} pairs (filter={filter})")
-        ds = ds.map(saferlhf, remove_columns=ds.column_names)
-    elif {"prompt", "chosen", "rejected"} <= cols:
+        raise DataError(
+            "SafeRLHF-style data (response_0/response_1): turn it into preference pairs first, with "
+            "the paper's construction: python prepare_data.py --dataset_name NAME --output pairs.jsonl"
+        )
+    if {"prompt", "chosen", "rejected"} <= cols:
         ds = ds.select_columns(["prompt", "chosen", "rejected"])
         for i, row in enumerate(ds):
             for c in ("prompt", "chosen", "rejected"):
@@ -680,10 +641,10 @@ def to_preference(ds: Dataset, filter: str = "none") -> Dataset:
     else:
         raise DataError(
             f"dataset has columns {sorted(cols)}; expected one of: prompt+chosen+rejected, "
-            "chosen+rejected (HH-RLHF), prompt+response_0+response_1+better_response_id+safer_response_id"
+            "chosen+rejected (HH-RLHF)"
         )
     if len(ds) == 0:
-        raise DataError("no preference pairs left after filtering")
+        raise DataError("no preference pairs in the dataset")
     return ds
 
 

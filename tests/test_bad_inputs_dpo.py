@@ -188,7 +188,7 @@ CASES = [
         {**ITER, "dataset_name": "{messages_str}", "reward_fn": "{rf}:nan"},
         ["row 0, column 'messages'", "str"],
     ),
-    ("SafeRLHF columns missing", {"dataset_name": "{saferlhf_partial}"}, ["lacks columns"]),
+    ("SafeRLHF-style rows", {"dataset_name": "{saferlhf_partial}"}, ["python prepare_data.py"]),
     ("logging_steps 0", {"logging_steps": 0}, ["--logging_steps must be >= 1"]),
     ("eval_steps 0", {"eval_steps": 0}, ["--eval_steps must be >= 1"]),
     ("max_prompt_length 0", {"max_prompt_length": 0}, ["--max_prompt_length must be >= 1"]),

@@ -210,7 +210,7 @@ CASES = [
         "--critic_learning_rate must be > 0",
     ),
     ("ref_ema above 1", {"ref_ema": 2.0}, "--ref_ema"),
-    ("report_to without the package", {"report_to": "wandb"}, "not installed"),
+    ("report_to without the package", {"report_to": "tensorboard"}, "not installed"),
     ("output_dir is a file", lambda f, o: {"output_dir": f"{f['dir']}/a_file"}, "is a file"),
     ("output_dir holds a run", reused, "already holds a run"),
     ("latest with no checkpoint", {"resume_from_checkpoint": "latest"}, "no checkpoint"),

@@ -159,7 +159,6 @@ CASES = [
         {"report_to": "tensorboard"},
         ["tensorboard: the package is not installed"],
     ),
-    ("wandb not installed", {"report_to": "wandb"}, ["wandb: the package is not installed"]),
     ("output_dir is a file", {"output_dir": "{pc}"}, ["is a file"]),
     (
         "output_dir holds a finished run",

@@ -160,13 +160,6 @@ def test_every_preference_shape_gives_prompt_chosen_rejected(tok, data_files):
             tok.decode(pair["chosen_input_ids"][n:]) == chosen and sum(pair["chosen_mask"][:n]) == 0
         ), shape
         assert tok.decode(pair["rejected_input_ids"][n:]) == rejected, shape
-    # SafeRLHF: Sec. 4.3 construction with the Table 2 filters (dual-safe / dual-unsafe dropped)
-    ds = dpo.load_split(data_files["saferlhf"], None, "train")
-    assert [len(dpo.to_preference(ds, f)) for f in ("none", "dual_safe", "dual_unsafe")] == [
-        8,
-        6,
-        6,
-    ]
 
 
 def test_truncation_keeps_prompt_end_and_response_start(tok, capsys):
@@ -191,7 +184,7 @@ def test_truncation_keeps_prompt_end_and_response_start(tok, capsys):
 def test_prompt_sources_for_dpo_iter(data_files):
     prompts = {
         s: dpo.to_prompts(dpo.load_split(data_files[s], None, "train"))[0]
-        for s in ("prompts", "preference", "hh", "messages", "saferlhf", "preference_messages")
+        for s in ("prompts", "preference", "hh", "messages", "preference_messages")
     }
     assert prompts["prompts"] == prompts["preference"] == "Q: What is 2 + 2?\nA:"
     assert prompts["hh"].endswith("What is 2 + 2?\n\nAssistant:")
@@ -201,7 +194,6 @@ def test_prompt_sources_for_dpo_iter(data_files):
         {"role": "assistant", "content": "It is 4."},
         {"role": "user", "content": "Thanks."},
     ]
-    assert prompts["saferlhf"] == "What is 2 + 2?"
     assert prompts["preference_messages"] == [{"role": "user", "content": "What is 2 + 2?"}]
 
 

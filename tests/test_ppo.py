@@ -494,7 +494,6 @@ def test_prompts_from_every_prompt_source(data_files):
         "preference_messages",
         "hh",
         "messages",
-        "saferlhf",
     ):
         prompts = ppo.to_prompts(ppo.load_split(data_files[shape], None, "train"))
         assert len(prompts) == 8, shape

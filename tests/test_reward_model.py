@@ -25,6 +25,7 @@ class _Args:
             None,
             False,
         )
+        self.chat_template_path = self.attn_implementation = None
 
 
 def load_fresh(path, seed=0):
@@ -130,7 +131,7 @@ def test_dropout_disabled(arch, tiny_models):
 
 def test_preference_shapes(tiny_model, data_files):
     tok = rm.load_tokenizer(_Args(tiny_model))
-    for shape in ("preference", "preference_messages", "hh", "saferlhf"):
+    for shape in ("preference", "preference_messages", "hh"):
         pairs = rm.to_reward_pairs(rm.load_split(data_files[shape], None, "train"))
         ex = rm.tokenize_pairs(pairs, tok, 512, None, shape)
         assert len(ex) == 8, shape
@@ -140,21 +141,6 @@ def test_preference_shapes(tiny_model, data_files):
             assert e["margin"] == 0.0
     hh = rm.to_reward_pairs(rm.load_split(data_files["hh"], None, "train"))
     assert hh[0]["prompt"].endswith("\n\nAssistant:") and hh[0]["rejected"] == " I do not know."
-
-
-def test_saferlhf_construction_and_filters(data_files):
-    ds = rm.load_split(data_files["saferlhf"], None, "train")
-    pairs = rm.to_reward_pairs(ds)
-    # rows 2 and 3: safety differs, so the safer response wins (response_0 in row 2, response_1 in row 3)
-    assert pairs[2]["chosen"] == ds[2]["response_0"] and pairs[3]["chosen"] == ds[3]["response_1"]
-    # rows 0 and 1: both safe / both unsafe, so the more helpful (better_response_id) wins
-    assert pairs[1]["chosen"] == ds[1]["response_1"]
-    assert len(rm.to_reward_pairs(ds, "dual_safe")) == 6
-    assert len(rm.to_reward_pairs(ds, "dual_unsafe")) == 6
-    with pytest.raises(
-        rm.DataError, match="needs SafeRLHF-style data"
-    ):  # not silently ignored elsewhere
-        rm.to_reward_pairs(rm.load_split(data_files["preference"], None, "train"), "dual_safe")
 
 
 def test_margin_column_and_collate(tmp_path, tiny_model):
@@ -201,22 +187,6 @@ def test_identical_pairs_dropped_with_count(tmp_path, tiny_model, capsys):
 _BAD = {
     "missing_rejected": ([{"prompt": "Q:", "chosen": " a"}], [], "expected one of"),
     "all_identical": ([{"prompt": "Q:", "chosen": " a", "rejected": " a"}] * 3, [], "identical"),
-    "empty_after_filter": (
-        [
-            {
-                "prompt": "Q",
-                "response_0": "a",
-                "response_1": "b",
-                "better_response_id": 0,
-                "safer_response_id": 0,
-                "is_response_0_safe": True,
-                "is_response_1_safe": True,
-            }
-        ]
-        * 3,
-        ["--filter", "dual_safe"],
-        "no preference pairs left",
-    ),
 }
 
 

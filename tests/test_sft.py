@@ -211,23 +211,6 @@ def test_preference_data_trains_on_chosen(tok, data_files):
     assert unmasked_text(tok, ex) == "<|user|>\nWhat is 2 + 2?\n<|assistant|>\n"
 
 
-def test_saferlhf_construction_and_filters(data_files):
-    ds = sft.load_split(data_files["saferlhf"], None, "train")
-    pref = sft.to_preference(ds)
-    for row, out in zip(ds, pref):
-        s0, s1 = row["is_response_0_safe"], row["is_response_1_safe"]
-        win = row["safer_response_id"] if s0 != s1 else row["better_response_id"]
-        assert (
-            out["chosen"] == row[f"response_{win}"]
-            and out["rejected"] == row[f"response_{1 - win}"]
-        )
-    n_dual_safe = sum(r["is_response_0_safe"] and r["is_response_1_safe"] for r in ds)
-    n_dual_unsafe = sum(not r["is_response_0_safe"] and not r["is_response_1_safe"] for r in ds)
-    assert n_dual_safe > 0 and n_dual_unsafe > 0
-    assert len(sft.to_preference(ds, "dual_safe")) == len(ds) - n_dual_safe
-    assert len(sft.to_preference(ds, "dual_unsafe")) == len(ds) - n_dual_unsafe
-
-
 def test_hh_split_at_last_assistant_turn():
     chosen = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: good answer"
     rejected = "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: bad"
