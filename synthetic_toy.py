@@ -1,6 +1,5 @@
-"""The paper's Table 1 counterexample and its 8x8 synthetic experiment (Sec. 4.1-4.2, Figure 1).
-
-Paper: "Is DPO Superior to PPO for LLM Alignment?" (seeds/000).
+"""Xu et al. 2024, "Is DPO Superior to PPO for LLM Alignment?": the Table 1 counterexample and the
+8x8 synthetic experiment (Sec. 4.1-4.2, Figure 1).
 1. Table 1: a stateless bandit, pi_ref = (0.5, 0.5, 0), one pair y1 > y2. DPO (Eq. 7) reaches its
    minimum with 0.9 on y3, which the data never saw; the KL-regularized RL optimum (Eq. 5/8) keeps
    y3 at zero for any reward (Theorem 4.1).
@@ -21,6 +20,7 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import matplotlib
@@ -268,8 +268,7 @@ def run_seed(args: Args, seed: int) -> dict:
     prompts, chosen, rejected, covered = make_preference_data(P, R, args.pairs_per_prompt, gen)
 
     # ---- pi_ref: the initialized MLP, or (covered) that MLP fit to the covered responses ----
-    ref = make_mlp(P, args.hidden_size, R)
-    ref_loss = None
+    ref, ref_loss = make_mlp(P, args.hidden_size, R), None
     if args.ref_policy == "covered":
         target = covered.float() / covered.float().sum(-1, keepdim=True)
         ml_loss = lambda m: -(target * all_log_probs(m, P)).sum(-1).mean()
@@ -311,8 +310,7 @@ def run_seed(args: Args, seed: int) -> dict:
         policies["DPO-Iter"] = fresh_policy()
         train_dpo_iter(policies["DPO-Iter"], ref_logps, rewards, args, gen)
 
-    with torch.no_grad():
-        probs = {k: all_log_probs(m, P).exp() for k, m in policies.items()}
+    probs = {k: all_log_probs(m, P).exp().detach() for k, m in policies.items()}
     # Eq. 8 with the learned reward: the policy PPO reaches if it maximizes Eq. 2 exactly
     probs["Eq. 8 (r_phi)"] = rl_optimal_policy(probs["pi_ref"], rewards, kl_coef)
     metrics = {
@@ -332,16 +330,14 @@ def run_seed(args: Args, seed: int) -> dict:
 def main(args: Args) -> dict:
     start = time.time()
     os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=1)
+    Path(args.output_dir, "args.json").write_text(json.dumps(asdict(args), indent=1))
     print(format_table1(args.beta) + "\n")
     runs = [run_seed(args, s) for s in args.seeds]
     summary, claim = summarize(runs)
     print(format_results(runs, summary, claim, args))
     plot_figure1(runs[0], os.path.join(args.output_dir, "synthetic_toy.png"), args.rise_tol)
     results = {"args": asdict(args), "summary": summary, "claim": claim, "runs": runs}
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    Path(args.output_dir, "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nwrote results.json, args.json, synthetic_toy.png in {time.time() - start:.1f}s")
     return results
 
@@ -396,8 +392,8 @@ def format_results(runs: list[dict], summary: dict, claim: dict, args: Args) -> 
     """Mean +- std of each policy's metrics; one line per seed with the masses and the claim parts
     that hold; the rates and the paired differences with their 95% CI."""
     n_unc = args.num_prompts * (args.num_responses - 1 - args.pairs_per_prompt)
-    lines = [f"Sec. 4.2, {n_unc} uncovered cells, mean +- std over {len(runs)} seeds"]
-    lines.append(f"{'policy':<14}{'P(diagonal)':>18}{'P(uncovered)':>18}{'#uncovered up':>18}")
+    lines = [f"Sec. 4.2, {n_unc} uncovered cells, mean +- std over {len(runs)} seeds",
+             f"{'policy':<14}{'P(diagonal)':>18}{'P(uncovered)':>18}{'#uncovered up':>18}"]  # fmt: skip
     for name, m in summary.items():
         cells = [f"{m[k]['mean']:.3f} +- {m[k]['std']:.3f}" for k in m]
         lines.append(f"{name:<14}" + "".join(f"{c:>18}" for c in cells))
@@ -430,26 +426,21 @@ def plot_figure1(run: dict, path: str, rise_tol: float) -> None:
     axes[0].imshow(covered.float().numpy(), cmap="Greys", vmin=0, vmax=1.6)
     for ax, (title, mat, circled) in zip(axes[1:], panels):
         circled = (mat > pi_ref + rise_tol) & ~covered if circled is None else circled
-        reward_panel = title == "learned reward"
-        image = ax.imshow(mat.numpy(), cmap="coolwarm" if reward_panel else "viridis")
-        fig.colorbar(
-            image, ax=ax, fraction=0.046, pad=0.03, label="r(x, y)" if reward_panel else "prob."
-        )
-        lo, hi = mat.min().item(), mat.max().item()
-        for i, j in [(i, j) for i in range(mat.shape[0]) for j in range(mat.shape[1])]:
-            light = reward_panel or (mat[i, j] - lo) > 0.6 * (hi - lo)  # dark text on light cells
-            color = "black" if light else "white"
+        rw = title == "learned reward"
+        image = ax.imshow(mat.numpy(), cmap="coolwarm" if rw else "viridis")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, label="r(x, y)" if rw else "prob.")
+        light = rw | (mat - mat.min() > 0.6 * (mat.max() - mat.min()))  # dark text on light cells
+        for i, j in torch.cartesian_prod(*map(torch.arange, mat.shape)).tolist():
+            color = "black" if light[i, j] else "white"
             ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=8, color=color)
             if circled[i, j]:
                 ax.add_patch(plt.Circle((j, i), 0.45, fill=False, edgecolor="red", linewidth=2))
     for ax, title in zip(axes, ["coverage (grey: pair in the data)"] + [p[0] for p in panels]):
-        ax.set(
-            title=title, xlabel="response y", ylabel="prompt x", xticks=range(8), yticks=range(8)
-        )
-    circle = plt.Line2D([], [], marker="o", markersize=12, markerfacecolor="none", linestyle="none",
-                        markeredgecolor="red", markeredgewidth=2)  # fmt: skip
-    fig.legend([circle], [f"uncovered cell: policy > pi_ref + {rise_tol}; reward > the diagonal's"],
-               loc="lower center", ncol=1, frameon=False, fontsize=11)  # fmt: skip
+        ax.set(title=title, xlabel="response y", ylabel="prompt x", xticks=range(8))
+        ax.set_yticks(range(8))
+    label = f"uncovered cell: policy > pi_ref + {rise_tol}; reward > the diagonal's"
+    axes[4].scatter([], [], s=200, facecolors="none", edgecolors="red", linewidths=2, label=label)
+    fig.legend(loc="lower center", frameon=False, fontsize=11)
     fig.suptitle(f"seed {run['seed']}: the paper's Figure 1 on the 8x8 task", fontsize=13)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=100)
