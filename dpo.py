@@ -22,6 +22,7 @@ script that uses them.
 """
 
 import contextlib
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -825,7 +826,8 @@ def main(args: Args):
             resume_step = json.loads((resume_from / "step.json").read_text())["step"]
     resuming = resume_from or (Path(policy_path) if policy_path else None)
     # refuse to mix runs (--overwrite_output_dir also clears iter_K, which a resume would pick up)
-    on_main(accelerator, prepare_output_dir, args, resuming)
+    # and a resume must share the process count and the training data (pairs or prompts)
+    on_main(accelerator, prepare_output_dir, args, resuming, accelerator.num_processes, train)
     on_main(accelerator, start_tracker, accelerator, args, "dpo", resuming is not None)
     log = MetricsLog(accelerator, args.output_dir, resume_step=resume_step)
     ref_path = args.ref_model_name_or_path or args.model_name_or_path
@@ -1422,13 +1424,62 @@ def on_main(accelerator, fn, *fn_args):
         raise DataError(error)
 
 
-def prepare_output_dir(args, resume_from: Path | None):
+RUN_LOCK = []  # the open lock file of the run this process holds (lock_output_dir)
+
+
+def lock_output_dir(out: Path):
+    """One run at a time in output_dir: an flock on output_dir/.lock, held until this process ends (the
+    OS releases it however the process dies, so a crash never leaves it stuck) or main() runs again."""
+    while RUN_LOCK:  # main() called again in this process: its previous run has ended
+        RUN_LOCK.pop().close()
+    RUN_LOCK.append(lock := open(out / ".lock", "a+"))
+    try:
+        import fcntl  # POSIX only
+
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another run"
+        raise DataError(
+            f"{out} is in use by {holder}: wait for it to end, or use another --output_dir"
+        ) from None
+    except (ImportError, OSError) as e:  # Windows, or a file system without locks
+        print(f"warning: cannot lock {lock.name} ({e}); a second run on {out} would not be refused")
+    else:
+        lock.truncate(0)
+        lock.write(f"the run of pid {os.getpid()} on {os.uname().nodename}\n")
+        lock.flush()
+
+
+def prepare_output_dir(args, resume_from: Path | None, num_processes: int, train: list):
     """Refuse to mix runs: a directory that holds a run needs --overwrite_output_dir (which clears it) or a
-    resume; a resume must use the saved arguments, apart from the step budget and logging. Main process."""
+    resume; a resume must use the saved arguments, apart from the step budget and logging, and what
+    run.json records: the process count (it sets the global batch and the rows each step reads) and a
+    hash of the tokenized training rows (data edited under the same path). Main process."""
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"output_dir {out} is a file")
-    saved = out / "args.json"
+    out.mkdir(parents=True, exist_ok=True)
+    lock_output_dir(out)
+    saved, run_file, digest = out / "args.json", out / "run.json", hashlib.sha256()
+    for row in train:  # ~1 s per 10M token ids
+        digest.update(json.dumps(row, sort_keys=True).encode())
+    run = {"num_processes": num_processes, "train_data_sha256": digest.hexdigest()}
+    if resume_from is not None and run_file.exists():
+        old = {**run, **json.loads(run_file.read_text())}  # (a key it lacks is not checked)
+        new_run = "start a new run with --overwrite_output_dir or another --output_dir"
+        if (was := old["num_processes"]) != num_processes:
+            raise DataError(
+                f"the run in {out} ran on {was} process{'es' * (was > 1)} and this one on "
+                f"{num_processes}: the global batch and the rows each step reads would change; resume "
+                f"it on {was} (accelerate launch --num_processes {was}), or {new_run}"
+            )
+        if old["train_data_sha256"] != run["train_data_sha256"]:
+            raise DataError(
+                f"the training data differ from the run's in {out} (their tokenized rows' sha256 is "
+                f"{run['train_data_sha256'][:12]}, {run_file.name} records "
+                f"{old['train_data_sha256'][:12]}): restore them, or {new_run}"
+            )
     if resume_from is not None and saved.exists():
         old, new = json.loads(saved.read_text()), asdict(args)
         differ = sorted(k for k in new if k not in RESUME_MAY_CHANGE and old.get(k) != new[k])
@@ -1446,8 +1497,8 @@ def prepare_output_dir(args, resume_from: Path | None):
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(asdict(args), indent=2))
+    run_file.write_text(json.dumps(run, indent=2))
 
 
 def save_model(accelerator, model, tokenizer, output_dir):

@@ -14,7 +14,7 @@ from conftest import REPO, tyro_help
 SCRIPTS = ["sft.py", "reward_model.py", "dpo.py", "ppo.py"]
 ALL_SCRIPTS = SCRIPTS + ["synthetic_toy.py"]
 SHARED = [
-    "DataError", "load_split", "check_text", "split_hh_transcript", "SAFERLHF_COLUMNS", "to_preference",
+    "DataError", "load_split", "check_text", "split_hh_transcript", "to_preference",
     "render_chat", "encode_prompt", "encode_completion", "truncate", "pad", "position_ids_from",
     "token_logprobs", "last_token_index", "score_tokens", "check_model_path", "load_pretrained",
     "load_tokenizer", "disable_dropout", "check_finite", "generation_config", "MetricsLog",
@@ -22,7 +22,7 @@ SHARED = [
     "load_checkpoint", "prepare_frozen", "check_reward_model", "load_reward_fn", "call_reward_fn",
     "apply_missing_eos_penalty", "to_prompts", "tokenize_prompts", "decode_response", "tokenize_after",
     "describe_run", "lr_schedule", "keep_rows_up_to", "same_vocab", "load_reward_tokenizer",
-    "labeller_texts", "reward_model_inputs",
+    "labeller_texts", "reward_model_inputs", "RUN_LOCK", "lock_output_dir", "start_tracker",
 ]  # fmt: skip
 
 
