@@ -6,6 +6,7 @@ import builtins
 import dataclasses
 import importlib
 import re
+from functools import cache
 from itertools import combinations
 
 import pytest
@@ -26,6 +27,7 @@ SHARED = [
 ]  # fmt: skip
 
 
+@cache  # ast.get_source_segment splits the whole file on every call: once per script
 def definitions(script):
     """{name: source} of the module-level functions, classes and assignments of a script."""
     source = (REPO / script).read_text()
