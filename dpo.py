@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from functools import partial
 from itertools import islice
@@ -1567,9 +1568,19 @@ def load_reward_fn(spec: str):
 def call_reward_fn(fn, prompts: list, completions: list, finished: list) -> list:
     """fn(prompts, completions) -> one number per completion. A function that takes a `finished` keyword
     also gets, per completion, whether it ended in EOS (completions are decoded without special tokens,
-    so the text alone cannot tell a truncated answer from a finished one)."""
+    so the text alone cannot tell a truncated answer from a finished one). A function that raises, or
+    returns a wrong shape or a non-finite score, stops the run in one line; checkpoints stay."""
     kwargs = {"finished": finished} if "finished" in inspect.signature(fn).parameters else {}
-    scores = fn(prompts, completions, **kwargs)
+    keep = "stopping; the last checkpoint is kept (fix it, then --resume_from_checkpoint latest)"
+    try:
+        scores = fn(prompts, completions, **kwargs)
+    except Exception as e:  # the function's own error, where it was raised, not a traceback
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        message = " ".join(str(e).split())[:200]
+        raise DataError(
+            f"--reward_fn raised {type(e).__name__} at {Path(where.filename).name}:{where.lineno} "
+            f"({message}); {keep}"
+        ) from None
     try:
         scores = [float(s) for s in scores]
     except (TypeError, ValueError):
@@ -1584,7 +1595,7 @@ def call_reward_fn(fn, prompts: list, completions: list, finished: list) -> list
     if bad:
         raise DataError(
             f"--reward_fn returned a non-finite score ({scores[bad[0]]}) for {len(bad)} of "
-            f"{len(scores)} completions, e.g. {completions[bad[0]][:40]!r}"
+            f"{len(scores)} completions, e.g. {completions[bad[0]][:40]!r}; {keep}"
         )
     return scores
 
@@ -1679,9 +1690,8 @@ def apply_missing_eos_penalty(
 if __name__ == "__main__":
     try:
         main(tyro.cli(Args))
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(
-            "interrupted: continue from the last checkpoint with --resume_from_checkpoint latest"
-        )
+    except (DataError, KeyboardInterrupt) as e:
+        hint = "continue from the last checkpoint with --resume_from_checkpoint latest"
+        line = f"error: {e}" if isinstance(e, DataError) else f"interrupted: {hint}"
+        tqdm.write(line, file=sys.stderr)  # on a line of its own, under a progress bar
+        sys.exit(1)

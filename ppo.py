@@ -31,6 +31,7 @@ import resource
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -42,6 +43,7 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     GradientAccumulationPlugin,
     broadcast_object_list,
+    gather_object,
     set_seed,
 )
 from datasets import Dataset, load_dataset
@@ -534,7 +536,14 @@ class Scorer:
         sequences = (prompts, prompt_mask, responses, response_mask, originals)
         if self.reward_fn is not None:
             prompt_texts, completions = self.texts(*sequences)
-            scores = call_reward_fn(self.reward_fn, prompt_texts, completions, has_eos.tolist())
+            # A labelling error stops every process, not only the one whose samples failed.
+            error, scores = None, [0.0] * len(completions)
+            try:
+                scores = call_reward_fn(self.reward_fn, prompt_texts, completions, has_eos.tolist())
+            except DataError as e:
+                error = str(e)
+            if errors := [e for e in gather_object([error]) if e]:
+                raise DataError(errors[0])
             return torch.tensor(scores, device=self.device)
         sequences = (*sequences, has_eos)
         parts = [slice(i, i + self.chunk) for i in range(0, len(prompts), self.chunk)]
@@ -1667,9 +1676,19 @@ def load_reward_fn(spec: str):
 def call_reward_fn(fn, prompts: list, completions: list, finished: list) -> list:
     """fn(prompts, completions) -> one number per completion. A function that takes a `finished` keyword
     also gets, per completion, whether it ended in EOS (completions are decoded without special tokens,
-    so the text alone cannot tell a truncated answer from a finished one)."""
+    so the text alone cannot tell a truncated answer from a finished one). A function that raises, or
+    returns a wrong shape or a non-finite score, stops the run in one line; checkpoints stay."""
     kwargs = {"finished": finished} if "finished" in inspect.signature(fn).parameters else {}
-    scores = fn(prompts, completions, **kwargs)
+    keep = "stopping; the last checkpoint is kept (fix it, then --resume_from_checkpoint latest)"
+    try:
+        scores = fn(prompts, completions, **kwargs)
+    except Exception as e:  # the function's own error, where it was raised, not a traceback
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        message = " ".join(str(e).split())[:200]
+        raise DataError(
+            f"--reward_fn raised {type(e).__name__} at {Path(where.filename).name}:{where.lineno} "
+            f"({message}); {keep}"
+        ) from None
     try:
         scores = [float(s) for s in scores]
     except (TypeError, ValueError):
@@ -1684,7 +1703,7 @@ def call_reward_fn(fn, prompts: list, completions: list, finished: list) -> list
     if bad:
         raise DataError(
             f"--reward_fn returned a non-finite score ({scores[bad[0]]}) for {len(bad)} of "
-            f"{len(scores)} completions, e.g. {completions[bad[0]][:40]!r}"
+            f"{len(scores)} completions, e.g. {completions[bad[0]][:40]!r}; {keep}"
         )
     return scores
 
@@ -1779,9 +1798,8 @@ def apply_missing_eos_penalty(
 if __name__ == "__main__":
     try:
         main(tyro.cli(Args))
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(
-            "interrupted: continue from the last checkpoint with --resume_from_checkpoint latest"
-        )
+    except (DataError, KeyboardInterrupt) as e:
+        hint = "continue from the last checkpoint with --resume_from_checkpoint latest"
+        line = f"error: {e}" if isinstance(e, DataError) else f"interrupted: {hint}"
+        tqdm.write(line, file=sys.stderr)  # on a line of its own, under a progress bar
+        sys.exit(1)

@@ -1091,9 +1091,8 @@ def load_checkpoint(accelerator, path: Path) -> dict:
 if __name__ == "__main__":
     try:
         main(tyro.cli(Args))
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(
-            "interrupted: continue from the last checkpoint with --resume_from_checkpoint latest"
-        )
+    except (DataError, KeyboardInterrupt) as e:
+        hint = "continue from the last checkpoint with --resume_from_checkpoint latest"
+        line = f"error: {e}" if isinstance(e, DataError) else f"interrupted: {hint}"
+        tqdm.write(line, file=sys.stderr)  # on a line of its own, under a progress bar
+        sys.exit(1)
