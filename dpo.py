@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -597,6 +598,7 @@ def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list,
     policy.train()
     bar = tqdm(total=total_steps, initial=done, disable=not accelerator.is_main_process, desc="dpo")
     window, window_tokens, window_start = torch.zeros(8, device=accelerator.device), 0, time.time()
+    STOP.deferred = True  # a signal now stops the loop at the end of a step (StopSignal)
     while done < total_steps:
         # the same data order on every process and after a resume
         train_loader.set_epoch(done // steps_per_epoch)
@@ -651,10 +653,15 @@ def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list,
                 window, window_tokens, window_start = torch.zeros_like(window), 0, time.time()
             if evals and (done % args.eval_steps == 0 or done == total_steps):
                 log.log(evaluate(accelerator, policy, ref_model, eval_loader, args), start + done)
-            save_due = checkpoints and args.save_steps > 0 and done % args.save_steps == 0
+            # a SIGTERM or SIGINT since the last step: checkpoint this step, then stop (DPO-Iter
+            # keeps no step checkpoints: it resumes after its last complete iteration)
+            stop = STOP.requested(accelerator) and done < total_steps
+            save_due = checkpoints and args.save_steps > 0 and (done % args.save_steps == 0 or stop)
             if save_due and done < total_steps:
                 state = {"scheduler": scheduler.state_dict()}
                 save_checkpoint(accelerator, args.output_dir, start + done, state)
+            if stop:
+                raise KeyboardInterrupt
             if done >= total_steps:
                 break
     bar.close()
@@ -900,6 +907,11 @@ def main(args: Args):
             record = {"iteration": iteration, "step": step, "reference": str(ref_at), **stats}
             (iter_dir / "iteration.json").write_text(json.dumps(record))
         accelerator.wait_for_everyone()
+        # a signal in the loop's last step or while iter_K was saved stops here, iter_K complete;
+        # from here to the next loop (sampling) a signal stops at once
+        if STOP.requested(accelerator) and iteration < args.iterations:
+            raise KeyboardInterrupt
+        STOP.deferred = False
         # drop this iteration's engine, optimizer and wrappers before the next
         del policy, ref_model
         accelerator.free_memory()
@@ -1687,7 +1699,41 @@ def apply_missing_eos_penalty(
     return torch.where(finished.bool(), scores, torch.full_like(scores, penalty))
 
 
+class StopSignal:
+    """SIGTERM (how SLURM and Kubernetes preempt a job) and SIGINT (Ctrl-C), once __main__ installs
+    it. Outside a training loop (loading, DPO-Iter's sampling) a signal stops the run at once, as
+    KeyboardInterrupt: nothing is being written. Once a loop sets `deferred`, a signal is only
+    recorded, and the loop asks `requested()` at the end of each step, after its log and evaluation:
+    it writes a checkpoint of that step (when --save_steps > 0) and stops, so no step and no write is
+    cut in half. The answer is the same on every process (accelerate's trigger, reduced across them),
+    so all stop at the same step. A second signal, a second or more after the first, stops at once
+    (sooner, it is the copy a launcher such as torchrun forwards of the one its processes got)."""
+
+    def __init__(self):
+        self.first, self.deferred = None, False  # when the first signal came
+
+    def install(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        now = time.monotonic()
+        if not self.deferred or (self.first is not None and now > self.first + 1):
+            raise KeyboardInterrupt
+        self.first = self.first or now
+
+    def requested(self, accelerator) -> bool:
+        """Collective: every process calls it at the same point."""
+        if self.first is not None:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
+
+
+STOP = StopSignal()
+
+
 if __name__ == "__main__":
+    STOP.install()  # SIGTERM and SIGINT stop at the end of a step (StopSignal)
     try:
         main(tyro.cli(Args))
     except (DataError, KeyboardInterrupt) as e:

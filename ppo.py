@@ -29,6 +29,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -857,6 +858,7 @@ def main(args: Args):
         total=num_iterations, initial=step, disable=not accelerator.is_main_process, desc="ppo"
     )
     batches = None
+    STOP.deferred = True  # a signal now stops the loop at the end of an iteration (StopSignal)
     while step < num_iterations:
         if batches is None or step % iters_per_epoch == 0:
             # the same prompt order everywhere and on resume
@@ -1014,12 +1016,16 @@ def main(args: Args):
                 if accelerator.is_main_process:
                     best_file = Path(args.output_dir) / "best" / "best.json"
                     best_file.write_text(json.dumps({"step": step, **eval_metrics}))
-        if args.save_steps > 0 and step % args.save_steps == 0 and step < num_iterations:
+        # a SIGTERM or SIGINT during this iteration: checkpoint it, then stop
+        stop = STOP.requested(accelerator) and step < num_iterations
+        if args.save_steps > 0 and (step % args.save_steps == 0 or stop) and step < num_iterations:
             state = {"scheduler": scheduler.state_dict(), "value_stats": value_stats.state_dict(),
                      "best_score": best_score}  # fmt: skip
             save_checkpoint(accelerator, args.output_dir, step, state)
             ckpt = Path(args.output_dir) / "checkpoints" / f"step_{step}"
             save_reference(accelerator, ref_model, ckpt / "reference.safetensors")
+        if stop:
+            raise KeyboardInterrupt
     bar.close()
 
     # ---- save ----
@@ -1795,7 +1801,41 @@ def apply_missing_eos_penalty(
     return torch.where(finished.bool(), scores, torch.full_like(scores, penalty))
 
 
+class StopSignal:
+    """SIGTERM (how SLURM and Kubernetes preempt a job) and SIGINT (Ctrl-C), once __main__ installs
+    it. Outside a training loop (loading, DPO-Iter's sampling) a signal stops the run at once, as
+    KeyboardInterrupt: nothing is being written. Once a loop sets `deferred`, a signal is only
+    recorded, and the loop asks `requested()` at the end of each step, after its log and evaluation:
+    it writes a checkpoint of that step (when --save_steps > 0) and stops, so no step and no write is
+    cut in half. The answer is the same on every process (accelerate's trigger, reduced across them),
+    so all stop at the same step. A second signal, a second or more after the first, stops at once
+    (sooner, it is the copy a launcher such as torchrun forwards of the one its processes got)."""
+
+    def __init__(self):
+        self.first, self.deferred = None, False  # when the first signal came
+
+    def install(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        now = time.monotonic()
+        if not self.deferred or (self.first is not None and now > self.first + 1):
+            raise KeyboardInterrupt
+        self.first = self.first or now
+
+    def requested(self, accelerator) -> bool:
+        """Collective: every process calls it at the same point."""
+        if self.first is not None:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
+
+
+STOP = StopSignal()
+
+
 if __name__ == "__main__":
+    STOP.install()  # SIGTERM and SIGINT stop at the end of a step (StopSignal)
     try:
         main(tyro.cli(Args))
     except (DataError, KeyboardInterrupt) as e:

@@ -1,13 +1,22 @@
-"""Faults a long run meets: a labeller that fails late (a reward function that raises after some
-iterations). It ends in one line, keeps the last checkpoint, and the run continues from it with
---resume_from_checkpoint latest once the function is fixed."""
+"""Faults a long run meets: preemption (SIGTERM, as SLURM and Kubernetes send it, and SIGINT) and a
+labeller that fails late (a reward function that raises after some iterations). Each ends in one
+line, leaves nothing half-written, keeps the last checkpoint, and the run continues from it with
+--resume_from_checkpoint latest. The signalled runs are real processes (forked warm, as
+run_script's), signalled from outside once their metrics.jsonl shows a step."""
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
+import warm_launch
+from conftest import REPO, _env, _free_port
 
 import dpo
+
+RESUME_HINT = "continue from the last checkpoint with --resume_from_checkpoint latest"
 
 
 def steps_logged(out) -> list:
@@ -15,6 +24,86 @@ def steps_logged(out) -> list:
     path = Path(out) / "metrics.jsonl"
     lines = path.read_text().split("\n")[:-1] if path.exists() else []
     return [json.loads(line)["step"] for line in lines]
+
+
+def run_and_signal(script, args, out, tmp_path, signum, num_processes=1, after_step=2):
+    """Launch `python script args` (num_processes > 1: as `accelerate launch --multi_gpu` on CPU
+    does), send `signum` to the first process only once metrics.jsonl shows `after_step`, and wait
+    for all. -> (exit codes, their stderr joined, seconds from the signal to the last exit)."""
+    files_dir = tmp_path / f"launch_{script}"
+    files_dir.mkdir()
+    args, env, port = list(map(str, args)), _env(), None
+    if num_processes > 1:
+        port = _free_port()
+        launcher = ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+                    "--main_process_port", str(port), "--mixed_precision", "no"]  # fmt: skip
+        env = warm_launch.launch_env(launcher, str(REPO / script), env)
+    procs, files = warm_launch.start(
+        str(REPO / script), args, env, str(REPO), files_dir, num_processes, port
+    )
+    stderr = lambda: "".join(Path(err).read_text() for _, err in files if Path(err).exists())
+    deadline = time.time() + 120
+    while not any(s >= after_step for s in steps_logged(out)):
+        assert all(p.is_alive() for p in procs), (
+            f"{script} ended before step {after_step}: {stderr()}"
+        )
+        assert time.time() < deadline, f"{script} logged no step {after_step} in 120 s"
+        time.sleep(0.02)
+    os.kill(procs[0].pid, signum)
+    sent = time.time()
+    for p in procs:
+        p.join(max(sent + 60 - time.time(), 1))
+    seconds = time.time() - sent
+    for p in procs:  # a hang is a failure, not a stuck test
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return [p.exitcode for p in procs], stderr(), seconds
+
+
+def assert_stopped_cleanly(codes, stderr, seconds, out):
+    """Every process exits 1 within seconds with the one `interrupted:` line, no traceback; no .tmp
+    is left; and the newest checkpoint is the step the run stopped at (written on the way out)."""
+    assert set(codes) == {1}, (codes, stderr)
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
+    assert lines == [f"interrupted: {RESUME_HINT}"] * len(codes), stderr
+    assert seconds < 20, seconds
+    checkpoints = Path(out) / "checkpoints"
+    assert not list(checkpoints.glob("*.tmp")), list(checkpoints.iterdir())
+    saved = [int(p.name[5:]) for p in checkpoints.glob("step_*")]
+    assert saved and max(saved) == max(steps_logged(out)), (saved, steps_logged(out))
+    assert (checkpoints / f"step_{max(saved)}" / "step.json").exists()
+    return max(saved)
+
+
+# Tiny runs: constant learning rate, no warm-up, so a resume with a smaller --max_steps trains the
+# same steps as a run given that budget from the start.
+def sft_args(tiny_model, data_files, out):
+    return ["--model_name_or_path", tiny_model, "--dataset_name", data_files["prompt_completion"],
+            "--per_device_train_batch_size", 2, "--learning_rate", 1e-3, "--lr_scheduler", "constant",
+            "--warmup_ratio", 0, "--logging_steps", 1, "--save_steps", 2, "--output_dir", out]  # fmt: skip
+
+
+def test_sigterm_stops_sft_at_a_step_end_with_a_checkpoint_and_resumes_to_the_same_weights(
+    tiny_model, data_files, run_script, weights, tmp_path
+):
+    """--save_steps 2: half the steps write a checkpoint, which the signal may land in; one that lands
+    on an odd step gets its own. Resumed to 2 more steps, the weights are those of a run given that
+    many steps from the start."""
+    out = tmp_path / "sigterm"
+    args = sft_args(tiny_model, data_files, out)
+    codes, stderr, seconds = run_and_signal(
+        "sft.py", [*args, "--max_steps", 100000], out, tmp_path, signal.SIGTERM
+    )
+    k = assert_stopped_cleanly(codes, stderr, seconds, out)
+    proc = run_script("sft.py", *args, "--max_steps", k + 2, "--resume_from_checkpoint", "latest")
+    assert f"resumed from {out / 'checkpoints' / f'step_{k}'} at step {k}" in proc.stdout
+    assert steps_logged(out) == list(range(1, k + 3))
+    full = tmp_path / "full"
+    run_script("sft.py", *sft_args(tiny_model, data_files, full), "--max_steps", k + 2)
+    w_full, w_resumed = weights(full), weights(out)
+    assert max((w_full[n] - w_resumed[n]).abs().max().item() for n in w_full) <= 1e-6
 
 
 def ppo_args(tiny_model, data_files, reward, out):
@@ -26,11 +115,69 @@ def ppo_args(tiny_model, data_files, reward, out):
             "--warmup_ratio", 0, "--logging_steps", 1, "--output_dir", out]  # fmt: skip
 
 
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(
+    tiny_model, data_files, tmp_path
+):
+    """Only the first process is signalled: the flag is reduced across processes at each step's end,
+    so the second stops at the same step, after the same checkpoint, instead of waiting for its
+    peer in the next collective."""
+    out = tmp_path / "out"
+    args = [*sft_args(tiny_model, data_files, out), "--max_steps", 100000]
+    codes, stderr, seconds = run_and_signal(
+        "sft.py", args, out, tmp_path, signal.SIGTERM, num_processes=2
+    )
+    assert_stopped_cleanly(codes, stderr, seconds, out)
+
+
+@pytest.mark.parametrize(
+    "script,signum",
+    [("reward_model.py", signal.SIGINT), ("dpo.py", signal.SIGTERM), ("ppo.py", signal.SIGTERM)],
+)
+def test_a_signal_stops_at_a_step_end_with_a_checkpoint_and_the_run_continues(
+    script, signum, tiny_model, data_files, run_script, tmp_path
+):
+    """No --save_steps checkpoint is due (1000): the stop writes the only one (PPO's with its EMA'd
+    reference), and the resume continues from it to one more step."""
+    out = tmp_path / "out"
+    if script == "ppo.py":
+        (tmp_path / "reward.py").write_text(
+            "def length(prompts, completions):\n    return [float(len(c)) for c in completions]\n"
+        )
+        args = ppo_args(tiny_model, data_files, f"{tmp_path / 'reward.py'}:length", out)
+        budget = "--num_iterations"
+    else:
+        args = ["--model_name_or_path", tiny_model, "--dataset_name", data_files["preference"],
+                "--per_device_train_batch_size", 2, "--lr_scheduler", "constant",
+                "--warmup_ratio", 0, "--logging_steps", 1, "--output_dir", out]  # fmt: skip
+        budget = "--max_steps"
+    args += ["--save_steps", 1000]
+    codes, stderr, seconds = run_and_signal(script, [*args, budget, 100000], out, tmp_path, signum)
+    k = assert_stopped_cleanly(codes, stderr, seconds, out)
+    if script == "ppo.py":
+        assert (out / "checkpoints" / f"step_{k}" / "reference.safetensors").exists()
+    run_script(script, *args, budget, k + 1, "--resume_from_checkpoint", "latest")
+    assert steps_logged(out) == list(range(1, k + 2))
+    assert (out / "model.safetensors").exists()
+
+
+def test_a_second_signal_stops_at_once_unless_it_is_a_launchers_forwarded_copy():
+    stop = dpo.StopSignal()
+    with pytest.raises(KeyboardInterrupt):  # no loop running: at once
+        stop.handle(signal.SIGTERM, None)
+    stop.deferred = True
+    stop.handle(signal.SIGTERM, None)  # recorded, for the loop's next requested()
+    stop.handle(signal.SIGTERM, None)  # torchrun's copy of it, a moment later: the same signal
+    stop.first -= 2  # a second signal two seconds on
+    with pytest.raises(KeyboardInterrupt):
+        stop.handle(signal.SIGINT, None)
+
+
 # A labeller that fails late: LABELLER's function scores like `length` until its `calls`-th call of
-# the run, from which it raises while a file named "broken" sits beside it. Removing the file between
-# the runs fixes it.
+# the run, from which it raises while a file named "broken" sits beside it (or, with "signal"
+# there, sends its own process SIGTERM, as a scheduler would, during that call). Removing the file
+# between the runs fixes it.
 LABELLER = """
-import pathlib
+import os, pathlib, signal
 
 HERE, CALLS = pathlib.Path(__file__).parent, [0]
 
@@ -39,6 +186,8 @@ def length(prompts, completions):
     CALLS[0] += 1
     if CALLS[0] >= {calls} and (HERE / "broken").exists():
         raise ValueError("labeller down")
+    if CALLS[0] == {calls} and (HERE / "signal").exists():
+        os.kill(os.getpid(), signal.SIGTERM)
     return [float(len(c)) for c in completions]
 """
 
@@ -87,17 +236,25 @@ def dpo_iter_args(tiny_model, data_files, reward, out):
             "--output_dir", out]  # fmt: skip
 
 
-def test_dpo_iter_labeller_failing_in_iteration_2_resumes_after_iteration_1(
-    tiny_model, data_files, run_script, metrics, tmp_path
+@pytest.mark.parametrize("fault", ["broken", "signal"])
+def test_dpo_iter_stopped_in_iteration_2s_labelling_resumes_after_iteration_1(
+    fault, tiny_model, data_files, run_script, metrics, tmp_path
 ):
-    """The labeller fails in iteration 2 (one error line); iter_1 stays complete, and the resume with
-    the fixed function runs iteration 2 only."""
+    """The labeller fails (one error line), or the process gets SIGTERM while it labels iteration
+    2's samples (the interrupted line at once); iter_1 stays complete, and the resume with the fixed
+    function runs iteration 2 only."""
     out = tmp_path / "out"
-    args = dpo_iter_args(tiny_model, data_files, labeller(tmp_path, 2, "broken"), out)
-    assert_labeller_error(run_script("dpo.py", *args, check=False))
+    args = dpo_iter_args(tiny_model, data_files, labeller(tmp_path, 2, fault), out)
+    proc = run_script("dpo.py", *args, check=False)
+    if fault == "broken":
+        assert_labeller_error(proc)
+    else:
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("interrupted:")]
+        assert lines == [f"interrupted: {RESUME_HINT}"], proc.stderr
     assert (out / "iter_1" / "iteration.json").exists()
     assert not (out / "iter_2" / "iteration.json").exists()
-    (tmp_path / "broken").unlink()
+    (tmp_path / fault).unlink()
     proc = run_script("dpo.py", *args, "--resume_from_checkpoint", "latest")
     assert "resumed after iteration 1 (step 2)" in proc.stdout
     rows = metrics(out)
