@@ -29,9 +29,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
+import traceback
 import urllib.parse
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -605,6 +607,7 @@ def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list,
     policy.train()
     bar = tqdm(total=total_steps, initial=done, disable=not accelerator.is_main_process, desc="dpo")
     window, window_tokens, window_start = torch.zeros(8, device=accelerator.device), 0, time.time()
+    STOP.deferred = True  # a signal now stops the loop at the end of a step (StopSignal)
     while done < total_steps:
         # the same data order on every process and after a resume
         train_loader.set_epoch(done // steps_per_epoch)
@@ -659,10 +662,15 @@ def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list,
                 window, window_tokens, window_start = torch.zeros_like(window), 0, time.time()
             if evals and (done % args.eval_steps == 0 or done == total_steps):
                 log.log(evaluate(accelerator, policy, ref_model, eval_loader, args), start + done)
-            save_due = checkpoints and args.save_steps > 0 and done % args.save_steps == 0
+            # a SIGTERM or SIGINT since the last step: checkpoint this step, then stop (DPO-Iter
+            # keeps no step checkpoints: it resumes after its last complete iteration)
+            stop = STOP.requested(accelerator) and done < total_steps
+            save_due = checkpoints and args.save_steps > 0 and (done % args.save_steps == 0 or stop)
             if save_due and done < total_steps:
                 state = {"scheduler": scheduler.state_dict()}
                 save_checkpoint(accelerator, args.output_dir, start + done, state)
+            if stop:
+                raise KeyboardInterrupt
             if done >= total_steps:
                 break
     bar.close()
@@ -909,6 +917,11 @@ def main(args: Args):
             record = {"iteration": iteration, "step": step, "reference": str(ref_at), **stats}
             (iter_dir / "iteration.json").write_text(json.dumps(record))
         accelerator.wait_for_everyone()
+        # a signal in the loop's last step or while iter_K was saved stops here, iter_K complete;
+        # from here to the next loop (sampling) a signal stops at once
+        if STOP.requested(accelerator) and iteration < args.iterations:
+            raise KeyboardInterrupt
+        STOP.deferred = False
         # drop this iteration's engine, optimizer and wrappers before the next
         del policy, ref_model
         accelerator.free_memory()
@@ -1628,9 +1641,19 @@ def load_reward_fn(spec: str):
 def call_reward_fn(fn, prompts: list, completions: list, finished: list) -> list:
     """fn(prompts, completions) -> one number per completion. A function that takes a `finished` keyword
     also gets, per completion, whether it ended in EOS (completions are decoded without special tokens,
-    so the text alone cannot tell a truncated answer from a finished one)."""
+    so the text alone cannot tell a truncated answer from a finished one). A function that raises, or
+    returns a wrong shape or a non-finite score, stops the run in one line; checkpoints stay."""
     kwargs = {"finished": finished} if "finished" in inspect.signature(fn).parameters else {}
-    scores = fn(prompts, completions, **kwargs)
+    keep = "stopping; the last checkpoint is kept (fix it, then --resume_from_checkpoint latest)"
+    try:
+        scores = fn(prompts, completions, **kwargs)
+    except Exception as e:  # the function's own error, where it was raised, not a traceback
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        message = " ".join(str(e).split())[:200]
+        raise DataError(
+            f"--reward_fn raised {type(e).__name__} at {Path(where.filename).name}:{where.lineno} "
+            f"({message}); {keep}"
+        ) from None
     try:
         scores = [float(s) for s in scores]
     except (TypeError, ValueError):
@@ -1645,7 +1668,7 @@ def call_reward_fn(fn, prompts: list, completions: list, finished: list) -> list
     if bad:
         raise DataError(
             f"--reward_fn returned a non-finite score ({scores[bad[0]]}) for {len(bad)} of "
-            f"{len(scores)} completions, e.g. {completions[bad[0]][:40]!r}"
+            f"{len(scores)} completions, e.g. {completions[bad[0]][:40]!r}; {keep}"
         )
     return scores
 
@@ -1737,12 +1760,45 @@ def apply_missing_eos_penalty(
     return torch.where(finished.bool(), scores, torch.full_like(scores, penalty))
 
 
+class StopSignal:
+    """SIGTERM (how SLURM and Kubernetes preempt a job) and SIGINT (Ctrl-C), once __main__ installs
+    it. Outside a training loop (loading, DPO-Iter's sampling) a signal stops the run at once, as
+    KeyboardInterrupt: nothing is being written. Once a loop sets `deferred`, a signal is only
+    recorded, and the loop asks `requested()` at the end of each step, after its log and evaluation:
+    it writes a checkpoint of that step (when --save_steps > 0) and stops, so no step and no write is
+    cut in half. The answer is the same on every process (accelerate's trigger, reduced across them),
+    so all stop at the same step. A second signal, a second or more after the first, stops at once
+    (sooner, it is the copy a launcher such as torchrun forwards of the one its processes got)."""
+
+    def __init__(self):
+        self.first, self.deferred = None, False  # when the first signal came
+
+    def install(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        now = time.monotonic()
+        if not self.deferred or (self.first is not None and now > self.first + 1):
+            raise KeyboardInterrupt
+        self.first = self.first or now
+
+    def requested(self, accelerator) -> bool:
+        """Collective: every process calls it at the same point."""
+        if self.first is not None:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
+
+
+STOP = StopSignal()
+
+
 if __name__ == "__main__":
+    STOP.install()  # SIGTERM and SIGINT stop at the end of a step (StopSignal)
     try:
         main(tyro.cli(Args))
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(
-            "interrupted: continue from the last checkpoint with --resume_from_checkpoint latest"
-        )
+    except (DataError, KeyboardInterrupt) as e:
+        hint = "continue from the last checkpoint with --resume_from_checkpoint latest"
+        line = f"error: {e}" if isinstance(e, DataError) else f"interrupted: {hint}"
+        tqdm.write(line, file=sys.stderr)  # on a line of its own, under a progress bar
+        sys.exit(1)

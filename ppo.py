@@ -30,9 +30,11 @@ import math
 import os
 import resource
 import shutil
+import signal
 import socket
 import sys
 import time
+import traceback
 import urllib.parse
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +47,7 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     GradientAccumulationPlugin,
     broadcast_object_list,
+    gather_object,
     set_seed,
 )
 from datasets import Dataset, load_dataset
@@ -543,7 +546,14 @@ class Scorer:
         sequences = (prompts, prompt_mask, responses, response_mask, originals)
         if self.reward_fn is not None:
             prompt_texts, completions = self.texts(*sequences)
-            scores = call_reward_fn(self.reward_fn, prompt_texts, completions, has_eos.tolist())
+            # A labelling error stops every process, not only the one whose samples failed.
+            error, scores = None, [0.0] * len(completions)
+            try:
+                scores = call_reward_fn(self.reward_fn, prompt_texts, completions, has_eos.tolist())
+            except DataError as e:
+                error = str(e)
+            if errors := [e for e in gather_object([error]) if e]:
+                raise DataError(errors[0])
             return torch.tensor(scores, device=self.device)
         sequences = (*sequences, has_eos)
         parts = [slice(i, i + self.chunk) for i in range(0, len(prompts), self.chunk)]
@@ -859,6 +869,7 @@ def main(args: Args):
         total=num_iterations, initial=step, disable=not accelerator.is_main_process, desc="ppo"
     )
     batches = None
+    STOP.deferred = True  # a signal now stops the loop at the end of an iteration (StopSignal)
     while step < num_iterations:
         if batches is None or step % iters_per_epoch == 0:
             # the same prompt order everywhere and on resume
@@ -1016,12 +1027,16 @@ def main(args: Args):
                 if accelerator.is_main_process:
                     best_file = Path(args.output_dir) / "best" / "best.json"
                     best_file.write_text(json.dumps({"step": step, **eval_metrics}))
-        if args.save_steps > 0 and step % args.save_steps == 0 and step < num_iterations:
+        # a SIGTERM or SIGINT during this iteration: checkpoint it, then stop
+        stop = STOP.requested(accelerator) and step < num_iterations
+        if args.save_steps > 0 and (step % args.save_steps == 0 or stop) and step < num_iterations:
             state = {"scheduler": scheduler.state_dict(), "value_stats": value_stats.state_dict(),
                      "best_score": best_score}  # fmt: skip
             save_checkpoint(accelerator, args.output_dir, step, state)
             ckpt = Path(args.output_dir) / "checkpoints" / f"step_{step}"
             save_reference(accelerator, ref_model, ckpt / "reference.safetensors")
+        if stop:
+            raise KeyboardInterrupt
     bar.close()
 
     # ---- save ----
@@ -1729,9 +1744,19 @@ def load_reward_fn(spec: str):
 def call_reward_fn(fn, prompts: list, completions: list, finished: list) -> list:
     """fn(prompts, completions) -> one number per completion. A function that takes a `finished` keyword
     also gets, per completion, whether it ended in EOS (completions are decoded without special tokens,
-    so the text alone cannot tell a truncated answer from a finished one)."""
+    so the text alone cannot tell a truncated answer from a finished one). A function that raises, or
+    returns a wrong shape or a non-finite score, stops the run in one line; checkpoints stay."""
     kwargs = {"finished": finished} if "finished" in inspect.signature(fn).parameters else {}
-    scores = fn(prompts, completions, **kwargs)
+    keep = "stopping; the last checkpoint is kept (fix it, then --resume_from_checkpoint latest)"
+    try:
+        scores = fn(prompts, completions, **kwargs)
+    except Exception as e:  # the function's own error, where it was raised, not a traceback
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        message = " ".join(str(e).split())[:200]
+        raise DataError(
+            f"--reward_fn raised {type(e).__name__} at {Path(where.filename).name}:{where.lineno} "
+            f"({message}); {keep}"
+        ) from None
     try:
         scores = [float(s) for s in scores]
     except (TypeError, ValueError):
@@ -1746,7 +1771,7 @@ def call_reward_fn(fn, prompts: list, completions: list, finished: list) -> list
     if bad:
         raise DataError(
             f"--reward_fn returned a non-finite score ({scores[bad[0]]}) for {len(bad)} of "
-            f"{len(scores)} completions, e.g. {completions[bad[0]][:40]!r}"
+            f"{len(scores)} completions, e.g. {completions[bad[0]][:40]!r}; {keep}"
         )
     return scores
 
@@ -1838,12 +1863,45 @@ def apply_missing_eos_penalty(
     return torch.where(finished.bool(), scores, torch.full_like(scores, penalty))
 
 
+class StopSignal:
+    """SIGTERM (how SLURM and Kubernetes preempt a job) and SIGINT (Ctrl-C), once __main__ installs
+    it. Outside a training loop (loading, DPO-Iter's sampling) a signal stops the run at once, as
+    KeyboardInterrupt: nothing is being written. Once a loop sets `deferred`, a signal is only
+    recorded, and the loop asks `requested()` at the end of each step, after its log and evaluation:
+    it writes a checkpoint of that step (when --save_steps > 0) and stops, so no step and no write is
+    cut in half. The answer is the same on every process (accelerate's trigger, reduced across them),
+    so all stop at the same step. A second signal, a second or more after the first, stops at once
+    (sooner, it is the copy a launcher such as torchrun forwards of the one its processes got)."""
+
+    def __init__(self):
+        self.first, self.deferred = None, False  # when the first signal came
+
+    def install(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        now = time.monotonic()
+        if not self.deferred or (self.first is not None and now > self.first + 1):
+            raise KeyboardInterrupt
+        self.first = self.first or now
+
+    def requested(self, accelerator) -> bool:
+        """Collective: every process calls it at the same point."""
+        if self.first is not None:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
+
+
+STOP = StopSignal()
+
+
 if __name__ == "__main__":
+    STOP.install()  # SIGTERM and SIGINT stop at the end of a step (StopSignal)
     try:
         main(tyro.cli(Args))
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(
-            "interrupted: continue from the last checkpoint with --resume_from_checkpoint latest"
-        )
+    except (DataError, KeyboardInterrupt) as e:
+        hint = "continue from the last checkpoint with --resume_from_checkpoint latest"
+        line = f"error: {e}" if isinstance(e, DataError) else f"interrupted: {hint}"
+        tqdm.write(line, file=sys.stderr)  # on a line of its own, under a progress bar
+        sys.exit(1)

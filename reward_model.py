@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -495,6 +496,7 @@ def main(args: Args):
     )
     window = torch.zeros(5, device=accelerator.device)  # loss, correct, margin sums; pairs, tokens
     window_start, last_eval = time.time(), None
+    STOP.deferred = True  # a signal now stops the loop at the end of a step (StopSignal)
     while step < total_steps:
         # the same data order on every process and after a resume
         train_loader.set_epoch(step // steps_per_epoch)
@@ -567,10 +569,14 @@ def main(args: Args):
                     accelerator, model, eval_loader, args.center_rewards_coefficient
                 )
                 log.log(last_eval, step)
-            if args.save_steps > 0 and step % args.save_steps == 0 and step < total_steps:
+            # a SIGTERM or SIGINT since the last step: checkpoint this step, then stop
+            stop = STOP.requested(accelerator) and step < total_steps
+            if args.save_steps > 0 and (step % args.save_steps == 0 or stop) and step < total_steps:
                 save_checkpoint(
                     accelerator, args.output_dir, step, {"scheduler": scheduler.state_dict()}
                 )
+            if stop:
+                raise KeyboardInterrupt
             if step >= total_steps:
                 break
     bar.close()
@@ -1138,12 +1144,45 @@ def load_checkpoint(accelerator, path: Path) -> dict:
     return state
 
 
+class StopSignal:
+    """SIGTERM (how SLURM and Kubernetes preempt a job) and SIGINT (Ctrl-C), once __main__ installs
+    it. Outside a training loop (loading, DPO-Iter's sampling) a signal stops the run at once, as
+    KeyboardInterrupt: nothing is being written. Once a loop sets `deferred`, a signal is only
+    recorded, and the loop asks `requested()` at the end of each step, after its log and evaluation:
+    it writes a checkpoint of that step (when --save_steps > 0) and stops, so no step and no write is
+    cut in half. The answer is the same on every process (accelerate's trigger, reduced across them),
+    so all stop at the same step. A second signal, a second or more after the first, stops at once
+    (sooner, it is the copy a launcher such as torchrun forwards of the one its processes got)."""
+
+    def __init__(self):
+        self.first, self.deferred = None, False  # when the first signal came
+
+    def install(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        now = time.monotonic()
+        if not self.deferred or (self.first is not None and now > self.first + 1):
+            raise KeyboardInterrupt
+        self.first = self.first or now
+
+    def requested(self, accelerator) -> bool:
+        """Collective: every process calls it at the same point."""
+        if self.first is not None:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
+
+
+STOP = StopSignal()
+
+
 if __name__ == "__main__":
+    STOP.install()  # SIGTERM and SIGINT stop at the end of a step (StopSignal)
     try:
         main(tyro.cli(Args))
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(
-            "interrupted: continue from the last checkpoint with --resume_from_checkpoint latest"
-        )
+    except (DataError, KeyboardInterrupt) as e:
+        hint = "continue from the last checkpoint with --resume_from_checkpoint latest"
+        line = f"error: {e}" if isinstance(e, DataError) else f"interrupted: {hint}"
+        tqdm.write(line, file=sys.stderr)  # on a line of its own, under a progress bar
+        sys.exit(1)

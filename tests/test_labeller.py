@@ -47,7 +47,7 @@ def test_a_reward_function_reads_the_same_chat_texts_in_ppo_and_dpo_iter(
                             num_minibatches=1, per_device_train_batch_size=16)  # fmt: skip
         else:
             args = dpo.Args(**common, samples_per_prompt=2, max_steps=1)
-        with pytest.raises(RuntimeError, match="labelled"):
+        with pytest.raises(ValueError, match=r"raised RuntimeError at reward.py:\d+ \(labelled\)"):
             (ppo if stage == "ppo" else dpo).main(args)
         (line,) = (d / "seen.jsonl").read_text().splitlines()
         seen[stage] = [tuple(t) for t in json.loads(line)]

@@ -6,6 +6,7 @@ import builtins
 import dataclasses
 import importlib
 import re
+from functools import cache
 from itertools import combinations
 
 import pytest
@@ -23,9 +24,11 @@ SHARED = [
     "apply_missing_eos_penalty", "to_prompts", "tokenize_prompts", "decode_response", "tokenize_after",
     "describe_run", "lr_schedule", "keep_rows_up_to", "same_vocab", "load_reward_tokenizer",
     "labeller_texts", "reward_model_inputs", "RUN_LOCK", "lock_output_dir", "start_tracker",
+    "StopSignal", "STOP",
 ]  # fmt: skip
 
 
+@cache  # ast.get_source_segment splits the whole file on every call: once per script
 def definitions(script):
     """{name: source} of the module-level functions, classes and assignments of a script."""
     source = (REPO / script).read_text()

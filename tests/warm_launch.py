@@ -119,27 +119,8 @@ def run(
 ) -> subprocess.CompletedProcess:
     """Run `script argv` in num_processes forked processes; their outputs are joined in rank order.
     If one process fails, the others are stopped a few seconds later (as torchrun does)."""
-    ctx = _forkserver()
     with tempfile.TemporaryDirectory() as tmp:
-        procs, files = [], []
-        for rank in range(num_processes):
-            rank_env = dict(env)
-            if port is not None:  # launched: the variables torchrun gives each process
-                rank_env.update(
-                    RANK=str(rank),
-                    LOCAL_RANK=str(rank),
-                    GROUP_RANK="0",
-                    ROLE_RANK=str(rank),
-                    WORLD_SIZE=str(num_processes),
-                    LOCAL_WORLD_SIZE=str(num_processes),
-                    MASTER_ADDR="127.0.0.1",
-                    MASTER_PORT=str(port),
-                )
-            out, err = f"{tmp}/out{rank}", f"{tmp}/err{rank}"
-            p = ctx.Process(target=_child, args=(script, argv, rank_env, cwd, out, err, shim))
-            p.start()
-            procs.append(p)
-            files.append((out, err))
+        procs, files = start(script, argv, env, cwd, tmp, num_processes, port, shim)
         deadline, failed_at = time.time() + timeout, None
         while any(p.is_alive() for p in procs):
             if time.time() > deadline:
@@ -159,6 +140,41 @@ def run(
         stdout, stderr = _outputs(files)
     code = next((c for c in codes if c != 0), 0)
     return subprocess.CompletedProcess([script, *argv], code, stdout, stderr)
+
+
+def start(
+    script: str,
+    argv: list,
+    env: dict,
+    cwd: str,
+    tmp: str,
+    num_processes: int = 1,
+    port: int | None = None,
+    shim: str | None = None,
+) -> tuple:
+    """Fork the launch's processes and return at once: (processes, their (stdout, stderr) files in
+    tmp). A test may signal a process (os.kill(p.pid, ...)) as a scheduler would, then join it."""
+    ctx = _forkserver()
+    procs, files = [], []
+    for rank in range(num_processes):
+        rank_env = dict(env)
+        if port is not None:  # launched: the variables torchrun gives each process
+            rank_env.update(
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                GROUP_RANK="0",
+                ROLE_RANK=str(rank),
+                WORLD_SIZE=str(num_processes),
+                LOCAL_WORLD_SIZE=str(num_processes),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            )
+        out, err = f"{tmp}/out{rank}", f"{tmp}/err{rank}"
+        p = ctx.Process(target=_child, args=(script, argv, rank_env, cwd, out, err, shim))
+        p.start()
+        procs.append(p)
+        files.append((out, err))
+    return procs, files
 
 
 def _outputs(files: list) -> tuple:
