@@ -628,7 +628,8 @@ def test_checkpoint_generation_config_does_not_leak_into_sampling(
         json.dumps({**config, "repetition_penalty": 1.3})
     )
     tok = AutoTokenizer.from_pretrained(policy_dir)
-    policy = ppo.load_pretrained(AutoModelForCausalLM, str(policy_dir), torch.float32, False)
+    args = ppo.Args(model_name_or_path=str(policy_dir), reward_fn="x.py:f")
+    policy = ppo.load_pretrained(AutoModelForCausalLM, str(policy_dir), torch.float32, args)
     assert policy.generation_config.repetition_penalty == 1.3
     policy.generation_config = ppo.generation_config(tok, 12, True, 0.7, 0, 1.0)  # as main() does
     texts = ["Q: Say hello.\nA:", "Q: hi\nA:"]
