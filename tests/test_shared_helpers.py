@@ -22,7 +22,7 @@ SHARED = [
     "load_checkpoint", "prepare_frozen", "check_reward_model", "load_reward_fn", "call_reward_fn",
     "apply_missing_eos_penalty", "to_prompts", "tokenize_prompts", "decode_response", "tokenize_after",
     "describe_run", "lr_schedule", "keep_rows_up_to", "same_vocab", "load_reward_tokenizer",
-    "labeller_texts", "reward_model_inputs",
+    "labeller_texts", "reward_model_inputs", "write_error", "write_model_dir",
 ]  # fmt: skip
 
 
