@@ -46,8 +46,10 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     GradientAccumulationPlugin,
     broadcast_object_list,
+    gather_object,
     set_seed,
 )
+from accelerate.utils import load as load_weights_only  # torch.load, weights_only=True
 from datasets import Dataset, load_dataset
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -423,7 +425,9 @@ def main(args: Args):
             f"{args.per_device_train_batch_size} x {accelerator.num_processes} x {ga}"
         )
     resume_from = (
-        None if args.eval_only else find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        None
+        if args.eval_only
+        else find_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint)
     )
     if not args.eval_only:  # refuse to mix runs; all processes stop on the same verdict
         n = accelerator.num_processes  # a resume must share it, and the training pairs
@@ -481,9 +485,8 @@ def main(args: Args):
     scheduler = lr_schedule(optimizer, args.lr_scheduler, args.warmup_ratio, total_steps)
     step = 0
     if resume_from is not None:  # accelerate's state, plus our own (step, scheduler) from step.json
-        state = load_checkpoint(accelerator, resume_from)
-        step = state["step"]
-        scheduler.load_state_dict(state["scheduler"])
+        restore = lambda state: scheduler.load_state_dict(state["scheduler"])
+        step = load_checkpoint(accelerator, resume_from, restore)["step"]
     log = MetricsLog(accelerator, args.output_dir, resume_step=step)
 
     # ---- 4. train ----
@@ -832,6 +835,9 @@ def load_pretrained(cls, path: str, dtype: torch.dtype, args, **kwargs):
         raise DataError(
             f"cannot load a model from {path!r}: {str(e).splitlines()[0][:200]}"
         ) from None
+    except Exception as e:  # a damaged weights file: safetensors' own error
+        cause = " ".join(str(e).split())[:200]
+        raise DataError(f"cannot load a model from {path!r}: {type(e).__name__}: {cause}") from None
 
 
 def load_tokenizer(args):
@@ -935,11 +941,20 @@ def lr_schedule(optimizer, name: str, warmup_ratio: float, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def keep_rows_up_to(path: Path, step: int):
+def keep_rows_up_to(path: Path, step: int, iteration: float = math.inf):
     """On resume from step N: drop the rows of a .jsonl log (metrics, samples) that the interrupted
-    run wrote after N, since the resumed run writes them again. Rewritten under a temporary name."""
+    run wrote after N, since the resumed run writes them again; with `iteration` (DPO-Iter's last
+    complete one), also the rows of later iterations (the next one logs its sampling at step N). A
+    last line cut short by a kill is dropped. Rewritten under a temporary name."""
     if path.exists():
-        rows = [r for r in path.read_text().splitlines() if json.loads(r)["step"] <= step]
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a run killed while appending it
+                continue
+            if row["step"] <= step and row.get("iteration", 0) <= iteration:
+                rows.append(line)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(r + "\n" for r in rows))
         tmp.replace(path)
@@ -983,8 +998,21 @@ class MetricsLog:
         metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
         self.accelerator.log(metrics, step=step)
         if self.file:
-            self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+                self.file.flush()
+            except OSError as e:  # a full disk
+                raise DataError(f"cannot write {self.file.name} ({write_error(e, self.file.name)})")
+
+
+def write_error(e: Exception, path) -> str:
+    """A failed write in one line, with the space left on the disk it wrote to: a full disk is the
+    usual cause, and torch's message for it does not say so."""
+    folder = Path(path).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free / 2**20
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}; {free:.0f} MiB free there"
 
 
 RESUME_MAY_CHANGE = {  # the step budget and logging; a moved or copied run directory still resumes
@@ -1087,58 +1115,118 @@ def prepare_output_dir(args, resume_from: Path | None, num_processes: int, train
 def save_model(accelerator, model, tokenizer, output_dir):
     """Loadable with plain from_pretrained; the state dict is gathered first (ZeRO-3 safe)."""
     state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(output_dir, state_dict=state_dict)
-        tokenizer.save_pretrained(output_dir)
-    accelerator.wait_for_everyone()
+
+    def write(folder: Path):
+        accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict)
+        tokenizer.save_pretrained(folder)
+
+    on_main(accelerator, write_model_dir, output_dir, write)
 
 
-def save_checkpoint(accelerator, output_dir, step: int, state: dict):
-    """output_dir/checkpoints/step_N: accelerate's model, optimizer and RNG state, plus our own `state`
-    (step, scheduler, running statistics) as JSON in step.json, never pickled. Written under a
-    temporary name and renamed when complete, so a run killed while saving never leaves a half-written
-    checkpoint that 'latest' would pick."""
+def write_model_dir(output_dir, write):
+    """write(folder) saves a model directory: into output_dir/model.tmp, whose files then move into
+    output_dir, the old weights out first and the new ones in last. At every moment output_dir holds
+    no weights or a complete model, so a run killed while saving never leaves a half-written one that
+    from_pretrained would load. A failed write (a full disk) removes the partial files and stops the
+    run with one line; output_dir keeps what it had. Main process."""
+    out = Path(output_dir)
+    tmp = out / "model.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a run killed while saving
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except Exception as e:  # a full disk: torch, safetensors and open() raise different errors
+        shutil.rmtree(tmp)
+        raise DataError(f"cannot save the model in {out} ({write_error(e, out)})") from None
+    weights = lambda p: ".safetensors" in p.name  # model.safetensors, or its shards and their index
+    for old in filter(weights, out.iterdir()):
+        old.unlink()
+    for new in sorted(tmp.iterdir(), key=lambda p: (weights(p), p.name.endswith(".json"))):
+        new.replace(out / new.name)
+    tmp.rmdir()
+
+
+def save_checkpoint(accelerator, output_dir, step: int, state: dict, write_extra=None):
+    """output_dir/checkpoints/step_N: accelerate's model, optimizer and RNG state, our own `state`
+    (step, scheduler, running statistics) as JSON in step.json, never pickled, and what
+    write_extra(folder) adds (every process calls it). All of it is written under a temporary name
+    that is renamed last, so a run killed while saving never leaves a half-written checkpoint that
+    'latest' would pick. A failed write (a full disk) removes the partial checkpoint and stops the run
+    with one line; the checkpoints before it stay."""
     final = Path(output_dir) / "checkpoints" / f"step_{step}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()  # every process has written its part (RNG state) before the rename
+    error = None
+    try:
+        accelerator.save_state(str(tmp))
+        if write_extra is not None:
+            write_extra(tmp)
+        if accelerator.is_main_process:
+            (tmp / "step.json").write_text(json.dumps({"step": step, **state}))
+    except Exception as e:  # a full disk: torch, safetensors and open() raise different errors
+        error = write_error(e, output_dir)
+    # every process has written its part (RNG state) or failed, before the rename
+    error = next((e for e in gather_object([error]) if e), None)
+    if error:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"cannot write checkpoint {final} ({error}); removed it, earlier ones stay")
     if accelerator.is_main_process:
-        (tmp / "step.json").write_text(json.dumps({"step": step, **state}))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
     accelerator.wait_for_everyone()
 
 
-def find_checkpoint(output_dir, resume_from_checkpoint: str | None) -> Path | None:
-    """None, 'latest' (the newest complete output_dir/checkpoints/step_N) or a path to a checkpoint."""
+def find_checkpoint(accelerator, output_dir, resume_from_checkpoint: str | None) -> Path | None:
+    """None, 'latest' (the newest complete output_dir/checkpoints/step_N) or a path to a checkpoint.
+    Every save writes step.json before its rename: 'latest' skips a step_N without one (deleted since)
+    and says so; a step.json that does not parse stops the run with one line."""
     if resume_from_checkpoint is None:
         return None
-    if resume_from_checkpoint != "latest":
-        path = Path(resume_from_checkpoint)
-        if not (path / "step.json").exists():
-            raise DataError(f"{path}: not a complete checkpoint (no step.json)")
-        return path
-    folder = Path(output_dir) / "checkpoints"
-    steps = [int(p.name[5:]) for p in folder.glob("step_*") if p.name[5:].isdigit()]
-    steps = [s for s in steps if (folder / f"step_{s}" / "step.json").exists()]
-    if not steps:
-        raise DataError(f"--resume_from_checkpoint latest: no checkpoint in {folder}")
-    return folder / f"step_{max(steps)}"
+    path = Path(resume_from_checkpoint)
+    if resume_from_checkpoint == "latest":
+        folder = Path(output_dir) / "checkpoints"
+        steps = sorted(int(p.name[5:]) for p in folder.glob("step_*") if p.name[5:].isdigit())
+        for path in [folder / f"step_{s}" for s in reversed(steps)]:
+            if (path / "step.json").exists():
+                break
+            accelerator.print(f"warning: skipping {path}: no step.json (damaged)")
+        else:
+            raise DataError(f"--resume_from_checkpoint latest: no checkpoint in {folder}")
+    if not (path / "step.json").exists():
+        raise DataError(f"{path}: not a complete checkpoint (no step.json)")
+    try:  # read before the models load (DPO trims its metrics with it)
+        int(json.loads((path / "step.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        cause = f"step.json: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        raise DataError(f"{path}: cannot resume from this checkpoint ({cause})") from None
+    return path
 
 
-def load_checkpoint(accelerator, path: Path) -> dict:
-    """Restore accelerate's state from a checkpoint and return our own state (step.json)."""
+def load_checkpoint(accelerator, path: Path, restore=None) -> dict:
+    """Restore accelerate's state from a checkpoint, then our own: restore(state) with step.json's
+    contents (it may read files beside it). -> that state. A damaged checkpoint (a truncated or
+    garbled file) stops the run with one line that names it and the part that failed."""
+    part = "step.json"
     try:
-        state = json.loads((path / "step.json").read_text())
+        state = json.loads((path / part).read_text())
+        part = f"random_states_{accelerator.process_index}.pkl"
+        if (path / part).exists():  # accelerate would skip an unreadable one without a word
+            load_weights_only(path / part)
+        part = "accelerate's model and optimizer state"
         accelerator.load_state(str(path))
-    except Exception as e:  # a corrupt or truncated checkpoint: one line, nothing changed on disk
+        part = "our own state"
+        if restore is not None:
+            restore(state)
+    except Exception as e:  # one line, nothing changed on disk
         cause = " ".join(str(e).split())[:200]  # (accelerate's messages span several lines)
         raise DataError(
-            f"{path}: cannot resume from this checkpoint ({type(e).__name__}: {cause})"
+            f"{path}: cannot resume from this checkpoint ({part}: {type(e).__name__}: {cause}); "
+            "delete it to resume from an earlier one"
         ) from None
     accelerator.print(f"resumed from {path} at step {state['step']}")
     return state

@@ -15,6 +15,8 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -452,6 +454,32 @@ def run_accelerate():
         cmd += args
         warm = (str(REPO / script), args, launcher, num_processes, port, None)
         return _run(cmd, _env(), timeout, check, None if real_launcher else warm)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def run_killed():
+    """run_killed("ppo.py", *args, when=lambda: ...) -> its stdout + stderr: `python ppo.py ...` forked
+    warm, SIGKILLed the moment when() holds (polled every millisecond), as an out-of-memory kill or a
+    lost node ends a run: no handler runs, files are left as they are. Fails if the run ends first."""
+
+    def run(script, *args, when, timeout=300):
+        import warm_launch
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = f"{tmp}/out", f"{tmp}/err"
+            argv = list(map(str, args))
+            p = warm_launch.start_one(str(REPO / script), argv, _env(), str(REPO), out, err)
+            deadline = time.time() + timeout
+            while p.is_alive() and not when() and time.time() < deadline:
+                time.sleep(0.001)
+            killed = p.is_alive() and when()
+            p.kill()
+            p.join()
+            output = "".join(Path(f).read_text(errors="replace") for f in (out, err))
+        assert killed, f"{script} ended (or timed out) before the moment to kill it:\n{output}"
+        return output
 
     return run
 

@@ -8,6 +8,7 @@ import json
 import math
 import pickle
 import shutil
+from types import SimpleNamespace
 
 import pytest
 from conftest import assert_one_line_error, main_error, tyro_help, write_jsonl
@@ -197,7 +198,10 @@ def test_leftover_tmp_checkpoint_is_skipped(finished_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
     shutil.copytree(out / "checkpoints" / "step_1", out / "checkpoints" / "step_5.tmp")
-    assert rm.find_checkpoint(out, "latest") == out / "checkpoints" / "step_1"
+    assert (
+        rm.find_checkpoint(SimpleNamespace(print=print), out, "latest")
+        == out / "checkpoints" / "step_1"
+    )
 
 
 def test_command_line_no_arguments_and_help(run_script, capsys):

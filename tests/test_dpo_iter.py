@@ -127,6 +127,45 @@ def test_dpo_iter_with_reward_function(
         assert timeless(b) == pytest.approx(timeless(a), abs=1e-6)
 
 
+def test_dpo_iter_survives_sigkill_during_an_iteration(
+    tiny_model, data_files, run_script, run_killed, metrics, weights, tmp_path
+):
+    """SIGKILL while iteration 2 samples (iter_1 complete), while it trains (its sampling row and a
+    train row logged) and while it saves iter_2, each followed by --resume_from_checkpoint latest:
+    each resume starts after iter_1, and the run ends as the uninterrupted one, every row once."""
+    (tmp_path / "reward.py").write_text(
+        "def score(prompts, completions):\n    return [float(len(c)) for c in completions]\n"
+    )
+    common = ["--model_name_or_path", tiny_model, "--dataset_name", data_files["prompts"],
+              "--eval_split", "train[:4]", "--reward_fn", f"{tmp_path / 'reward.py'}:score",
+              "--samples_per_prompt", 2, "--max_new_tokens", 6, "--max_steps", 2,
+              "--per_device_train_batch_size", 2, "--learning_rate", 1e-3, "--warmup_ratio", 0,
+              "--logging_steps", 1, "--eval_steps", 2, "--iterations", 2]  # fmt: skip
+    full, out = tmp_path / "full", tmp_path / "killed"
+    run_script("dpo.py", *common, "--output_dir", full)
+    args = [*common, "--output_dir", out]
+    log = out / "metrics.jsonl"
+    run_killed("dpo.py", *args, when=lambda: (out / "iter_1" / "iteration.json").exists())
+    assert [r["iteration"] for r in iteration_rows(metrics(out))] == [1]  # killed while sampling
+    resume = [*args, "--resume_from_checkpoint", "latest"]
+    output = run_killed(
+        "dpo.py", *resume, when=lambda: '{"step": 3, "train/loss"' in log.read_text()
+    )
+    assert "resumed after iteration 1 (step 2)" in output
+    output = run_killed("dpo.py", *resume, when=lambda: (out / "iter_2").exists())
+    assert "resumed after iteration 1 (step 2)" in output
+    proc = run_script("dpo.py", *resume)
+    assert "resumed after iteration 1 (step 2)" in proc.stdout
+    rows, rows_full = metrics(out), metrics(full)
+    assert [(r["step"], sorted(r)) for r in rows] == [(r["step"], sorted(r)) for r in rows_full]
+    assert "iter_2 is incomplete (no iteration.json): it runs again" in proc.stdout
+    timeless = lambda row: {k: v for k, v in row.items() if not k.endswith("_per_second")}
+    for a, b in zip(rows_full, rows, strict=True):
+        assert timeless(b) == pytest.approx(timeless(a), abs=1e-5)
+    w_full, w = weights(full), weights(out)
+    assert max((w[k] - w_full[k]).abs().max().item() for k in w_full) <= 1e-5
+
+
 def test_dpo_iter_with_reward_model_of_another_tokenizer(
     tiny_model, data_files, run_script, metrics, tmp_path
 ):

@@ -476,6 +476,47 @@ def test_resume_continues_the_same_run(
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+def logged_step(out) -> int:
+    """The step of the last complete row of metrics.jsonl (0 if none), read while the run writes it."""
+    path = Path(out) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    steps = [json.loads(line)["step"] for line in lines if line.endswith("}")]
+    return max(steps, default=0)
+
+
+def test_survives_sigkill_at_any_moment(
+    tiny_model, data_files, reward_file, run_script, run_killed, metrics, weights, tmp_path
+):
+    """A run SIGKILLed three times, each time continued with --resume_from_checkpoint latest: the
+    moment checkpoint step_2 appears under its complete name (the EMA'd reference must already be in
+    it), while step_3 is being written (after step 3's metrics and samples were logged), and after
+    the last step's metrics were logged (during its evaluation and the final save). It ends with the
+    uninterrupted run's weights, every step once in metrics.jsonl and samples.jsonl, the same best/."""
+    common = ("--reward_fn", f"{reward_file}:count_bang", "--num_iterations", 4,
+              "--save_steps", 1, "--eval_split", "train[:2]", "--eval_steps", 1, "--num_samples", 1,
+              "--per_device_prompt_batch_size", 2, "--per_device_train_batch_size", 4,
+              "--local_rollout_forward_batch_size", 8, "--learning_rate", 1e-3,
+              "--critic_learning_rate", 1e-3)  # fmt: skip
+    full, out = tmp_path / "full", tmp_path / "killed"
+    run_script("ppo.py", *small_run(tiny_model, data_files["prompts"], full, *common))
+    args = small_run(tiny_model, data_files["prompts"], out, *common)
+    resume = [*args, "--resume_from_checkpoint", "latest"]
+    ckpts = out / "checkpoints"
+    run_killed("ppo.py", *args, when=lambda: (ckpts / "step_2").exists())
+    assert (ckpts / "step_2" / "reference.safetensors").exists()
+    run_killed("ppo.py", *resume, when=lambda: (ckpts / "step_3.tmp").exists())
+    run_killed("ppo.py", *resume, when=lambda: logged_step(out) == 4)
+    proc = run_script("ppo.py", *resume)
+    assert f"resumed from {ckpts / 'step_3'} at step 3" in proc.stdout + proc.stderr
+    assert [r["step"] for r in metrics(out)] == [r["step"] for r in metrics(full)]
+    samples = (out / "samples.jsonl").read_text()
+    assert [json.loads(r)["step"] for r in samples.splitlines()] == [1, 2, 3, 4]
+    assert samples == (full / "samples.jsonl").read_text()
+    assert (out / "best" / "best.json").read_text() == (full / "best" / "best.json").read_text()
+    wa, wb = weights(full), weights(out)
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
 # ---- bad input ----
 
 

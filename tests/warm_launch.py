@@ -83,6 +83,14 @@ def _child(script: str, argv: list, env: dict, cwd: str, out: str, err: str, shi
     runpy.run_path(script, run_name="__main__")
 
 
+def start_one(script: str, argv: list, env: dict, cwd: str, out: str, err: str):
+    """One process of `python script argv...`, forked as run() forks it and returned running, for a test
+    that kills it (Process.kill is a real SIGKILL of that OS process)."""
+    p = _forkserver().Process(target=_child, args=(script, argv, env, cwd, out, err, None))
+    p.start()
+    return p
+
+
 def launch_env(launcher_args: list, script: str, base_env: dict) -> dict:
     """The environment `accelerate launch launcher_args script` gives its processes (before ranks)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
