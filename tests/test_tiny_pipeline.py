@@ -136,11 +136,40 @@ def test_paired_confidence_interval():
     assert pipeline.verdict([0.1, -0.1, 0.05], "ppo", "dpo") == "not resolved"
 
 
+def test_t_test_holm_and_headroom_estimators():
+    assert pipeline.t_cdf(2.262, 9) == pytest.approx(0.975, abs=2e-4)
+    assert pipeline.t_quantile(0.975, 19) == pytest.approx(2.093, abs=1e-3)
+    t = pipeline.paired_test([0.1, 0.12, 0.11])
+    assert t["half_width"] == pytest.approx(pipeline.mean_ci([0.1, 0.12, 0.11])[1], rel=1e-3)
+    assert pipeline.holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx(
+        {"a": 0.03, "b": 0.06, "c": 0.06}
+    )
+    # E[max of 2 of {0, 1, 2}] over the 3 pairs: (1 + 2 + 2) / 3
+    assert pipeline.best_of_n_oracle([2.0, 0.0, 1.0], 2) == pytest.approx(5 / 3)
+    assert pipeline.best_of_n_oracle([0.0, 1.0, 2.0, 3.0], 1) == pytest.approx(1.5)
+    # the same uniform decides every temperature: a noisier labeller's flips include a cleaner one's
+    assert pipeline.bt_wins(1.0, 0.0, 0.5, 0.0) and pipeline.bt_wins(1.0, 0.0, 0.9, 0.1)
+    assert not pipeline.bt_wins(1.0, 0.0, 0.9, 1.0)
+
+
+def test_a_choice_on_an_edge_extends_the_grid():
+    lrs, coefs = [1e-4, 3e-4, 1e-3, 3e-3], [0.03, 0.1, 0.3]
+    assert pipeline.extended_grid(lrs, coefs, "0.0003,0.1") is None  # inside: done
+    new_lrs, new_coefs = pipeline.extended_grid(lrs, coefs, "0.003,0.1")
+    assert new_lrs[-1] == pytest.approx(9e-3) and new_coefs == coefs
+    new_lrs, new_coefs = pipeline.extended_grid(lrs, coefs, "0.0001,0.03")
+    assert new_lrs[0] == pytest.approx(1e-4 / 3) and new_coefs[0] == pytest.approx(0.009)
+    # every method's grid has the same size, at least 4 learning rates x 3 coefficients
+    a = pipeline.Args()
+    assert len(a.ppo_lrs) == len(a.dpo_lrs) >= 4 and len(a.ppo_coefs) == len(a.dpo_coefs) >= 3
+    assert len(a.seeds) >= 20 and not set(a.seeds) & set(range(20)) and len(a.budgets) >= 2
+
+
 def committed_files() -> dict:
     return {
         p: p.stat().st_mtime_ns
         for p in HERE.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts
+        if p.is_file() and "__pycache__" not in p.parts and "work" not in p.relative_to(HERE).parts
     }
 
 
@@ -163,68 +192,72 @@ def test_quick_runs_every_stage_into_a_temporary_directory():
         assert committed_files() == before  # nothing in examples/tiny_pipeline/ written or touched
         assert not work.is_relative_to(REPO)
         results = json.loads((results_md.parent / "results.json").read_text())
-        assert set(results) == {"seeds", "arms", "ablation"} and len(results["seeds"]) == 1
-        assert set(results["arms"]) == {"gold", "noisy_0.85", "reward_model"}
+        assert set(results) == {
+            "seeds", "budgets", "arms", "ablation", "headroom", "preregistered", "holm",
+        }  # fmt: skip
+        assert len(results["seeds"]) == 1 and len(results["budgets"]) == 2
+        assert set(results["headroom"]) >= set(pipeline.HEADROOM)
+        h = {k: v[0] for k, v in results["headroom"].items()}
+        assert h["sft"] < h["best_of_2"] < h["best_of_4"] <= 1.0
+        assert set(results["holm"]) == set(results["preregistered"]["contrasts"])
+        assert len(results["holm"]) == len(pipeline.PRIMARY) * 2
+        assert set(results["arms"]) == set(pipeline.ARMS)
         for arm, body in results["arms"].items():
-            assert (
-                set(body) == {"labeller_accuracy", "methods"}
-                and 0.5 < body["labeller_accuracy"] <= 1.0
-            )
-            assert set(body["methods"]) == {"sft", "dpo", "dpo_iter", "ppo"}
-            for method, metrics in body["methods"].items():
-                assert set(metrics) == {"gold_greedy", "gold_sampled", "kl_to_sft", "unfinished"}
-                assert all(len(v) == 1 and math.isfinite(v[0]) for v in metrics.values()), (
-                    arm,
-                    method,
-                )
-            assert body["methods"]["sft"]["kl_to_sft"] == [0.0]
-            # every preference stage changed the policy (no run is a silent no-op, e.g. at lr 0):
-            # the sampled KL estimate to SFT is exactly 0 only for SFT's own weights
-            for method in ("dpo", "dpo_iter", "ppo"):
-                assert body["methods"][method]["kl_to_sft"][0] != 0.0, (arm, method)
+            assert set(body) == {"labeller_accuracy", "methods", "budgets"}
+            assert set(body["budgets"]) == {str(b) for b in results["budgets"]}
+            assert body["methods"] == body["budgets"][str(max(results["budgets"]))]["methods"]
+            for b, per in body["budgets"].items():
+                assert 0.0 <= per["labeller_accuracy"] <= 1.0
+                assert set(per["methods"]) == {"sft", *pipeline.ARMS[arm]}
+                assert all(len(v) == 1 and math.isfinite(v[0]) for v in per["baselines"].values())
+                for method, metrics in per["methods"].items():
+                    assert set(metrics) == set(pipeline.METRICS)
+                    assert all(len(v) == 1 and math.isfinite(v[0]) for v in metrics.values()), (
+                        arm, b, method,
+                    )  # fmt: skip
+                assert per["methods"]["sft"]["kl_to_sft"] == [0.0]
+                # every preference stage changed the policy (no run is a silent no-op, e.g. at lr 0):
+                # the sampled KL estimate to SFT is exactly 0 only for SFT's own weights
+                for method in pipeline.ARMS[arm]:
+                    assert per["methods"][method]["kl_to_sft"][0] != 0.0, (arm, b, method)
         assert set(results["ablation"]) == {"baseline", "adv_norm", "large_batch", "ref_ema"}
         assert all(
             set(v) == {"gold_sampled"} and len(v["gold_sampled"]) == 1
             for v in results["ablation"].values()
         )
         table = results_md.read_text()
-        assert (
-            "| PPO - DPO-Iter |" in table
-            and "## Table 3 ablation" in table
-            and "PARTIAL" not in table
-        )
-        assert (results_md.parent / "gold_vs_accuracy.png").stat().st_size > 1000
-        # every labeller tunes every method by its own validation score, not by gold
+        assert "## Contrasts" in table and "## Table 3 ablation" in table and "PARTIAL" not in table
+        assert "[-3, 1]" in table
+        assert (results_md.parent / "gold_vs_budget.png").stat().st_size > 1000
+        assert json.loads((results_md.parent / "headroom.json").read_text())["settings"]
         tuning = json.loads((work / "tuning.json").read_text())
         assert set(tuning["chosen"]) == set(results["arms"])
-        assert all(set(m) == {"dpo", "dpo_iter", "ppo"} for m in tuning["chosen"].values())
-        rm_tune = json.loads(
-            next(
-                (work / "cells" / "tune" / "reward_model" / "ppo").rglob("seed_*.json")
-            ).read_text()
-        )
-        assert rm_tune["labeller_score"] != rm_tune["gold_sampled"]  # the reward model's score
-        # every stage ran through the real scripts, with the same missing-EOS penalty for PPO and DPO-Iter
+        # every stage ran through the real scripts
         seed = work / f"seed_{results['seeds'][0]}"
-        for stage in [
-            "sft",
-            "reward_model",
-            "runs/main/gold/dpo",
-            "runs/main/gold/ppo",
-            "runs/ablation/gold/ppo",
-        ]:
+        b0, b1 = results["budgets"]
+        for stage in ["sft", "rm_large", f"rm_d_{b1}", f"runs/main/gold/{b0}/dpo",
+                      f"runs/main/gold/{b1}/ppo", f"runs/ablation/gold/{b0}/ppo"]:  # fmt: skip
             assert list((seed / stage).rglob("config.json")), stage
-        # the reward model starts from an SFT model of its own, larger than the policy
+        # the reward models start from an SFT model of their own, larger than the policy
         layers = lambda p: json.loads((seed / p / "config.json").read_text())["num_hidden_layers"]
-        assert (layers("sft"), layers("sft_rm"), layers("reward_model")) == (2, 4, 4)
-        ppo_flags = json.loads(
-            next((seed / "runs/main/noisy_0.85/ppo").rglob("stage.json")).read_text()
-        )["argv"]
-        it_flags = json.loads(
-            next((seed / "runs/main/noisy_0.85/dpo_iter").rglob("stage.json")).read_text()
-        )["argv"]
-        for flags in (ppo_flags, it_flags):
-            assert flags[flags.index("--missing_eos_penalty") + 1] == "-1.0"
+        assert (layers("sft"), layers("sft_rm"), layers("rm_large")) == (2, 4, 4)
+        flags = lambda p: json.loads(next((seed / p).rglob("stage.json")).read_text())["argv"]
+        value = lambda f, k: f[f.index(k) + 1]
+        rm_d = json.loads((seed / f"rm_d_noisy_{b1}" / "checks.json").read_text())
+        for method in ("ppo", "dpo_iter"):  # the same labeller and penalty for PPO and DPO-Iter
+            f = flags(f"runs/main/rm_d_noisy/{b1}/{method}")
+            assert value(f, "--reward_model_name_or_path").endswith(f"rm_d_noisy_{b1}")
+            assert float(value(f, "--missing_eos_penalty")) == pytest.approx(
+                rm_d["missing_eos_penalty"]
+            )
+            assert value(f, "--lr_scheduler") == "constant" and value(f, "--warmup_ratio") == "0"
+        assert value(flags(f"runs/main/gold/{b1}/ppo"), "--total_episodes") == str(b1)
+        # DPO-Iter: the paper's chain (one run of --iterations rounds, no fixed reference); the
+        # ablation anchors every round to SFT
+        chain = flags(f"runs/main/rm_large/{b1}/dpo_iter")
+        assert "--ref_model_name_or_path" not in chain and value(chain, "--iterations") == "2"
+        anchored = flags(f"runs/main/rm_large/{b1}/dpo_iter_sft")
+        assert value(anchored, "--ref_model_name_or_path") == str(seed / "sft")
         # a second run with the same settings reuses every cell
         again = subprocess.run(
             [
