@@ -406,7 +406,11 @@ def _run(cmd, env, timeout, check, warm=None):
             print(f"warm launch hung, relaunching once: {' '.join(map(str, cmd))}\n"
                   f"{hang.output}\n{hang.stderr}", file=sys.stderr)  # fmt: skip
             port = None if port is None else _free_port()
-            proc = warm_launch.run(script, args, env, REPO, num_processes, port, timeout, shim)
+            # the hung launch may have written its run (args.json) before it hung
+            again = [] if "--overwrite_output_dir" in args else ["--overwrite_output_dir"]
+            proc = warm_launch.run(
+                script, args + again, env, REPO, num_processes, port, timeout, shim
+            )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
