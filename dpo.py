@@ -924,6 +924,7 @@ def main(args: Args):
         if online:
             record = {"iteration": iteration, "step": step, "reference": str(ref_at), **stats}
             on_main(accelerator, save_iteration, iter_dir, train_pairs, record)
+        accelerator.wait_for_everyone()
         # drop this iteration's engine, optimizer and wrappers before the next
         del policy, ref_model
         accelerator.free_memory()
@@ -1499,6 +1500,7 @@ def save_model(accelerator, model, tokenizer, output_dir):
         tokenizer.save_pretrained(folder)
 
     on_main(accelerator, write_model_dir, output_dir, write)
+    accelerator.wait_for_everyone()  # a barrier last: gloo can hang at exit on a broadcast's cleanup
 
 
 def write_model_dir(output_dir, write):
