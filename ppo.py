@@ -650,6 +650,7 @@ def save_policy(accelerator, model, tokenizer, output_dir, extra: dict | None = 
             (folder / name).write_text(json.dumps(value))
 
     on_main(accelerator, write_model_dir, output_dir, write)
+    accelerator.wait_for_everyone()  # a barrier last: gloo can hang at exit on a broadcast's cleanup
 
 
 def save_reference(accelerator, ref_model, folder: Path):

@@ -1121,6 +1121,7 @@ def save_model(accelerator, model, tokenizer, output_dir):
         tokenizer.save_pretrained(folder)
 
     on_main(accelerator, write_model_dir, output_dir, write)
+    accelerator.wait_for_everyone()  # a barrier last: gloo can hang at exit on a broadcast's cleanup
 
 
 def write_model_dir(output_dir, write):
