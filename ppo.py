@@ -1058,7 +1058,7 @@ def main(args: Args):
 
     # ---- save ----
     save_policy(accelerator, model, tokenizer, args.output_dir)
-    accelerator.end_training()
+    end_training(accelerator)
 
 
 # ---- shared helpers: identical in every script that has them (tests/test_shared_helpers.py) ----
@@ -1538,6 +1538,16 @@ def start_tracker(accelerator, args, stage: str, resuming: bool):
             (Path(args.output_dir) / "args.json").unlink(missing_ok=True)
         cause = " ".join(str(e).split())[:200]
         raise DataError(f"--report_to {args.report_to}: cannot start ({type(e).__name__}: {cause})")
+
+
+def end_training(accelerator):
+    """accelerator.end_training() (trackers closed, process group destroyed) once gloo has let go of the
+    last collectives. Its worker thread frees their tensors under the GIL, which destroy_process_group
+    holds while it joins that thread: destroyed at once after a collective, a 2-process CPU run hung at
+    exit about 1 launch in 30. The sleep releases the GIL for it."""
+    accelerator.wait_for_everyone()
+    time.sleep(0.1)
+    accelerator.end_training()
 
 
 class MetricsLog:
