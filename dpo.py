@@ -559,8 +559,8 @@ def evaluate(accelerator, model, ref_model, loader, args) -> dict:
 def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list, evals: list,
               step=0, resume_from=None, checkpoints=True, save_to=()):  # fmt: skip
     """One DPO run over fixed pairs; global step numbers continue from `step`. -> the final step"""
-    optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
+    optimizer = adamw(
+        accelerator, policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
     )
     pad_id = tokenizer.pad_token_id
     train_loader = pair_loader(train, args.per_device_train_batch_size, pad_id, True, args.seed)
@@ -1374,6 +1374,17 @@ def describe_run(accelerator, per_device: int, ga: int, unit: str):
             f"note: the launcher's mixed_precision {launcher} is not used; this script's precision "
             f"comes from --bf16 ({precision})"
         )
+
+
+def adamw(accelerator, params, **kwargs) -> torch.optim.AdamW:
+    """torch's AdamW, fused (one kernel per parameter group instead of a loop over the parameters; HF
+    Trainer's default) on the devices torch 2.13 has the kernel for. Under DeepSpeed, which steps it
+    on its own flat fp32 partitions (and refuses any torch optimizer under ZeRO-Offload), torch's
+    default: the path DeepSpeed tests. The same update up to float rounding."""
+    fused = accelerator.state.deepspeed_plugin is None and accelerator.device.type in (
+        "cpu", "cuda", "mps", "xpu", "hpu"
+    )  # fmt: skip
+    return torch.optim.AdamW(params, fused=True if fused else None, **kwargs)
 
 
 def lr_schedule(optimizer, name: str, warmup_ratio: float, total_steps: int):

@@ -24,7 +24,7 @@ SHARED = [
     "apply_missing_eos_penalty", "to_prompts", "tokenize_prompts", "decode_response", "tokenize_after",
     "describe_run", "lr_schedule", "keep_rows_up_to", "same_vocab", "load_reward_tokenizer",
     "labeller_texts", "reward_model_inputs", "RUN_LOCK", "lock_output_dir", "start_tracker",
-    "StopSignal", "STOP", "write_error", "write_model_dir", "end_training",
+    "StopSignal", "STOP", "write_error", "write_model_dir", "end_training", "adamw",
 ]  # fmt: skip
 
 
