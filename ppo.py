@@ -60,6 +60,8 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
 )
 
 
@@ -477,41 +479,80 @@ def zero3_gathered(accelerator, params, modifier_rank=None):
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
 
 
+class SampledLogprobs(LogitsProcessor):
+    """The policy's log-probabilities of the tokens it samples, taken from the generation pass (no
+    second forward). transformers 5 runs a custom processor after its own logits processors and
+    before the temperature, top-k and top-p warpers: it sees the model's logits, applies the
+    temperature itself, and top-k/top-p never enter the log-probabilities (they only pick the
+    sample), as in the recompute. It returns the scores unchanged, so sampling is too. Memory: one
+    step's [B, V] logits, kept until the next call reveals the token sampled from them."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.pending, self.logps = temperature, None, []
+
+    def __call__(self, input_ids, scores):
+        if self.pending is not None:  # input_ids[:, -1] was sampled from the previous step
+            self.logps.append(token_logprobs(self.pending, input_ids[:, -1]))
+        self.pending = scores / self.temperature
+        return scores
+
+    def result(self, responses: torch.Tensor) -> torch.Tensor:
+        """-> [B, T] for the T generated tokens (the last one's from the pending step)."""
+        T = responses.shape[1]
+        logps = self.logps[:T]  # (a deferred stop check may have run one step more)
+        if len(logps) < T:
+            logps.append(token_logprobs(self.pending, responses[:, T - 1]))
+        return torch.stack(logps, 1)
+
+
 @torch.no_grad()
-def generate(accelerator, policy, prompts, prompt_mask, config, chunk: int, pad_id: int):
+def generate(accelerator, policy, prompts, prompt_mask, config, chunk: int, pad_id: int,
+             with_logps: bool = False):  # fmt: skip
     """Sample in chunks with the KV cache, in eval mode (gradient checkpointing in train mode drops the
-    cache), the ZeRO-3 weights gathered once for the whole rollout. -> [B, T] right-padded."""
-    outs = []
+    cache), the ZeRO-3 weights gathered once for the whole rollout. -> [B, T] right-padded; with
+    with_logps, (responses, their log-probabilities [B, T] at config.temperature, from this pass)."""
+    outs, logps = [], []
     was_training = policy.training
     policy.eval()
     with zero3_gathered(accelerator, policy.parameters()), accelerator.autocast():
         for i in range(0, len(prompts), chunk):
             ids, mask = prompts[i : i + chunk], prompt_mask[i : i + chunk]
-            out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            keep = [SampledLogprobs(config.temperature)] if with_logps else []
+            out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                  logits_processor=LogitsProcessorList(keep))  # fmt: skip
             outs.append(out[:, prompts.shape[1] :])
+            logps += [keep[0].result(outs[-1])] if with_logps else []
     policy.train(was_training)
     width = max(o.shape[1] for o in outs)
     pads = [torch.nn.functional.pad(o, (0, width - o.shape[1]), value=pad_id) for o in outs]
-    return torch.cat(pads)
+    if not with_logps:
+        return torch.cat(pads)
+    logps = [torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in logps]
+    return torch.cat(pads), torch.cat(logps)
 
 
 @torch.no_grad()
 def rollout_forward(accelerator, model, ref_model, prompts, prompt_mask, responses, response_mask,
-                    chunk: int, temperature: float, with_values: bool = True):  # fmt: skip
+                    chunk: int, temperature: float, with_values: bool = True, logps=None):  # fmt: skip
     """Log-probs, reference log-probs and the critic's (normalized) values of the sampled responses,
-    in chunks, under the same autocast as the training forward. -> three [B, R] tensors."""
-    logps, ref_logps, values = [], [], []
+    in chunks, under the same autocast as the training forward. -> three [B, R] tensors. `logps`:
+    the policy's, from the generation pass; then the policy is not run again."""
+    new_logps, ref_logps, values = [], [], []
     R = responses.shape[1]
     for i in range(0, len(prompts), chunk):
         ids = torch.cat([prompts[i : i + chunk], responses[i : i + chunk]], 1)
         mask = torch.cat([prompt_mask[i : i + chunk], response_mask[i : i + chunk]], 1)
         with accelerator.autocast():
-            logits, value = model(ids, mask, R, with_values)
-            logps.append(response_logprobs(logits, ids[:, -R:], temperature))
+            if logps is None:
+                logits, value = model(ids, mask, R, with_values)
+                new_logps.append(response_logprobs(logits, ids[:, -R:], temperature))
+            elif with_values:  # the critic alone, as PolicyAndValue computes its values
+                value = score_tokens(model.critic, ids, mask)[:, -R - 1 : -1].float()
             ref_logits = response_logits(ref_model, ids, mask, R)
             ref_logps.append(response_logprobs(ref_logits, ids[:, -R:], temperature))
-        values.append(value if with_values else torch.zeros_like(logps[-1]))
-    return torch.cat(logps), torch.cat(ref_logps), torch.cat(values)
+        values.append(value if with_values else torch.zeros_like(ref_logps[-1]))
+    logps = torch.cat(new_logps) if logps is None else logps
+    return logps, torch.cat(ref_logps), torch.cat(values)
 
 
 class Scorer:
@@ -905,15 +946,19 @@ def main(args: Args):
         prompt_mask = batch["attention_mask"].repeat_interleave(args.samples_per_prompt, 0)
         originals = [p for p in batch["prompt"] for _ in range(args.samples_per_prompt)]
         chunk, pad_id = args.local_rollout_forward_batch_size, tokenizer.pad_token_id
-        responses = generate(
-            accelerator, unwrapped.policy, prompts, prompt_mask, sampling_config, chunk, pad_id
-        )
+        sampling = (accelerator, unwrapped.policy, prompts, prompt_mask, sampling_config, chunk)
+        # fp32: the policy's log-probs come from the generation pass (within ~1e-6 of a second
+        # forward). Under bf16 the cached pass and a full forward differ by ~1e-2: recomputed.
+        if args.bf16:
+            responses, gen_logp = generate(*sampling, pad_id), None
+        else:
+            responses, gen_logp = generate(*sampling, pad_id, with_logps=True)
         eos_id = tokenizer.eos_token_id
         responses, response_mask, has_eos = truncate_after_eos(responses, eos_id, pad_id)
         sequences = (prompts, prompt_mask, responses, response_mask)
         # `values` are the critic's raw outputs, in its own (normalized) units
         logp, ref_logp, values = rollout_forward(
-            accelerator, unwrapped, ref_model, *sequences, chunk, args.temperature
+            accelerator, unwrapped, ref_model, *sequences, chunk, args.temperature, logps=gen_logp
         )
         with accelerator.autocast():
             raw_scores = scorer(*sequences, has_eos, originals)

@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import REPO
 
+import ppo
+
 SCRIPTS = ["sft.py", "reward_model.py", "dpo.py", "ppo.py"]
 
 
@@ -63,3 +65,60 @@ def test_a_run_steps_a_fused_adamw(run_script, tiny_model, data_files, tmp_path)
                "--per_device_train_batch_size", 2)  # fmt: skip
     state = torch.load(out / "checkpoints" / "step_1" / "optimizer.bin", weights_only=True)
     assert [g["fused"] for g in state["param_groups"]] == [True]
+
+
+@pytest.fixture
+def policy_and_critic(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    critic = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, dtype=torch.float32, num_labels=1, pad_token_id=tok.pad_token_id
+    ).eval()
+    return tok, policy, critic
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 50, 0.9)])
+def test_generation_logprobs_equal_a_second_forward(
+    policy_and_critic, fresh_accelerator_state, temperature, top_k, top_p
+):
+    """Within 1e-5 of the recompute, temperature applied, top-k/top-p kept out (on this flat tiny model
+    the top-50 of 400 tokens hold a small part of the mass: renormalized log-probs would be off by
+    more than a nat), left-padded prompts in chunks of different response widths, and the sampling
+    itself unchanged. With them, the critic's values are those of the full rollout forward."""
+    from accelerate import Accelerator
+
+    tok, policy, critic = policy_and_critic
+    accelerator = Accelerator(cpu=True)
+    texts = [
+        "Q: Say hello.\nA:",
+        "Q: hi\nA:",
+        "Human: Tell me a joke.",
+        "The quick brown fox",
+        "hi",
+    ]
+    batch = ppo.collate_prompts(
+        [{"prompt": t, "prompt_ids": tok(t).input_ids} for t in texts], tok.pad_token_id
+    )
+    prompts, prompt_mask, pad_id = batch["input_ids"], batch["attention_mask"], tok.pad_token_id
+    config = ppo.generation_config(tok, 12, True, temperature, top_k, top_p)
+    torch.manual_seed(0)
+    sampled = ppo.generate(accelerator, policy, prompts, prompt_mask, config, 2, pad_id)
+    torch.manual_seed(0)
+    responses, logps = ppo.generate(
+        accelerator, policy, prompts, prompt_mask, config, 2, pad_id, with_logps=True
+    )
+    assert torch.equal(responses, sampled) and logps.shape == responses.shape
+    responses, mask, _ = ppo.truncate_after_eos(responses, tok.eos_token_id, pad_id)
+    seqs = (prompts, prompt_mask, responses, mask)
+    model = ppo.PolicyAndValue(policy, critic)
+    recomputed, ref, values = ppo.rollout_forward(accelerator, model, policy, *seqs, 2, temperature)
+    kept, ref_kept, values_kept = ppo.rollout_forward(
+        accelerator, model, policy, *seqs, 2, temperature, logps=logps
+    )
+    assert ((logps - recomputed).abs() * mask).max() < 1e-5
+    assert kept is logps and torch.equal(ref_kept, ref) and torch.equal(values_kept, values)
+    if top_k:  # the leak this rules out: log-probs of the top-k/top-p renormalized distribution
+        full = torch.log_softmax(policy(prompts).logits[:, -1].float() / temperature, -1)
+        assert full.topk(top_k).values.exp().sum(-1).max() < 0.5

@@ -176,7 +176,9 @@ def test_learns_with_a_reward_function(
     )
     assert last > first + 1.0 and last > 3 * first, (first, last)
     kls = [r["objective/kl"] for r in train]
-    assert train[0]["objective/kl"] == 0.0  # the reference starts as an exact copy of the policy
+    # The reference starts as an exact copy of the policy. In fp32 the policy's log-probs come from
+    # the cached generation pass, within ~1e-6 per token of the reference's full forward: not 0.0.
+    assert abs(train[0]["objective/kl"]) < 1e-5
     assert statistics.fmean(kls) >= 0
     assert [r["episode"] for r in train] == [
         32 * s for s in range(1, 21)
