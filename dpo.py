@@ -54,6 +54,7 @@ from accelerate.utils import (
 )
 from accelerate.utils import load as load_weights_only  # torch.load, weights_only=True
 from datasets import Dataset, load_dataset
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
@@ -169,6 +170,8 @@ class Args:
     """evaluate every this many optimizer steps (and at the end)"""
     save_steps: int = 500
     """write a resumable checkpoint every this many optimizer steps (0: never; DPO-Iter saves iter_K instead)"""
+    save_total_limit: int | None = None
+    """keep only the newest N checkpoints, deleting older ones after each save (PPO's best/ is apart)"""
     resume_from_checkpoint: str | None = None
     """'latest' or a path to output_dir/checkpoints/step_N (DPO-Iter: 'latest' restarts after the last saved iter_K, also to extend a finished run with more --iterations)"""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
@@ -579,6 +582,10 @@ def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list,
     policy, optimizer, train_loader, eval_loader = accelerator.prepare(
         policy, optimizer, train_loader, eval_loader
     )
+    if checkpoints:  # (once: DPO-Iter, which calls this per iteration, keeps none)
+        checkpoints_open_as_models(
+            accelerator, tokenizer, lambda m: {"": ("", m)}
+        )  # also from_pretrained
     if accelerator.gradient_accumulation_steps != ga:
         raise DataError(
             f"the DeepSpeed config sets gradient_accumulation_steps="
@@ -668,7 +675,9 @@ def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list,
             save_due = checkpoints and args.save_steps > 0 and (done % args.save_steps == 0 or stop)
             if save_due and done < total_steps:
                 state = {"scheduler": scheduler.state_dict()}
-                save_checkpoint(accelerator, args.output_dir, start + done, state)
+                save_checkpoint(
+                    accelerator, args.output_dir, start + done, state, None, args.save_total_limit
+                )
             if stop:
                 raise KeyboardInterrupt
             if done >= total_steps:
@@ -709,6 +718,8 @@ def check_args(args: Args) -> bool:
             "--save_steps and --weight_decay must be >= 0, --max_grad_norm > 0, --warmup_ratio "
             "within [0, 1]"
         )
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        raise DataError(f"--save_total_limit must be >= 1 (or unset), got {args.save_total_limit}")
     if not 0 <= args.label_smoothing < 0.5:
         raise DataError(f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
     if args.loss_type == "ipo" and args.label_smoothing > 0:
@@ -1491,8 +1502,8 @@ def write_error(e: Exception, path) -> str:
 
 RESUME_MAY_CHANGE = {  # the step budget and logging; a moved or copied run directory still resumes
     "max_steps", "num_train_epochs", "num_iterations", "total_episodes", "iterations", "logging_steps",
-    "eval_steps", "save_steps", "resume_from_checkpoint", "overwrite_output_dir", "report_to",
-    "project", "run_name", "output_dir",
+    "eval_steps", "save_steps", "save_total_limit", "resume_from_checkpoint", "overwrite_output_dir",
+    "report_to", "project", "run_name", "output_dir",
 }  # fmt: skip
 
 
@@ -1622,13 +1633,20 @@ def write_model_dir(output_dir, write):
     tmp.rmdir()
 
 
-def save_checkpoint(accelerator, output_dir, step: int, state: dict, write_extra=None):
+def save_checkpoint(
+    accelerator,
+    output_dir,
+    step: int,
+    state: dict,
+    write_extra=None,
+    total_limit: int | None = None,
+):
     """output_dir/checkpoints/step_N: accelerate's model, optimizer and RNG state, our own `state`
     (step, scheduler, running statistics) as JSON in step.json, never pickled, and what
     write_extra(folder) adds (every process calls it). All of it is written under a temporary name
     that is renamed last, so a run killed while saving never leaves a half-written checkpoint that
     'latest' would pick. A failed write (a full disk) removes the partial checkpoint and stops the run
-    with one line; the checkpoints before it stay."""
+    with one line; the checkpoints before it stay. Then checkpoints beyond total_limit are deleted."""
     final = Path(output_dir) / "checkpoints" / f"step_{step}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
@@ -1653,7 +1671,64 @@ def save_checkpoint(accelerator, output_dir, step: int, state: dict, write_extra
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        prune_checkpoints(output_dir, total_limit, step)
     accelerator.wait_for_everyone()
+
+
+def checkpoints_open_as_models(accelerator, tokenizer, parts):
+    """Each checkpoint folder also opens with from_pretrained, as TRL's checkpoint-N does: the model's
+    weights are written there by save_pretrained (config.json, model.safetensors under the unwrapped
+    model's names, tied copies once) in place of accelerate's own weights file, so nothing is stored
+    twice, and a resume reads them back from there. parts(unwrapped model) -> {subfolder: (state-dict
+    prefix, PreTrainedModel)}. Under DeepSpeed the engine's own files stay (a resume needs them) and the
+    save_pretrained copy comes on top: twice the weights on disk there."""
+
+    def save(models, weights, folder):
+        weights.clear()  # accelerate writes no weights file of its own
+        for model in models:
+            state = accelerator.get_state_dict(model)  # full tensors (gathered under ZeRO-3)
+            for sub, (prefix, part) in parts(accelerator.unwrap_model(model)).items():
+                if accelerator.is_main_process:
+                    own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+                    part.save_pretrained(
+                        Path(folder) / sub, state_dict=own, safe_serialization=True
+                    )
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(folder)
+
+    def load(models, folder):
+        for model in models:
+            for sub, (_, part) in parts(accelerator.unwrap_model(model)).items():
+                files = sorted((Path(folder) / sub).glob("model*.safetensors"))
+                if not files:
+                    raise FileNotFoundError(f"no model*.safetensors in {Path(folder) / sub}")
+                state = {k: v for f in files for k, v in load_file(str(f)).items()}
+                missing, unexpected = part.load_state_dict(state, strict=False)
+                own = part.state_dict()
+                loaded = {own[k].data_ptr() for k in state if k in own}
+                wrong = unexpected + [k for k in missing if own[k].data_ptr() not in loaded]
+                if wrong:  # (a missing key that shares storage with a loaded one is a tied copy)
+                    raise ValueError(
+                        f"weights in {Path(folder) / sub} do not fit the model: {wrong[:3]}"
+                    )
+        models.clear()  # loaded here, not by accelerate
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def prune_checkpoints(output_dir, total_limit: int | None, step: int):
+    """--save_total_limit: once step_<step> is complete, delete the oldest complete checkpoints below it
+    until total_limit remain. The newest (what 'latest' resumes) is never touched, and each deletion
+    removes step.json first, so a deletion cut short never leaves a folder that looks complete."""
+    if total_limit is None:
+        return
+    folder = Path(output_dir) / "checkpoints"
+    older = sorted(int(p.name[5:]) for p in folder.glob("step_*") if p.name[5:].isdigit())
+    older = [s for s in older if s < step and (folder / f"step_{s}" / "step.json").exists()]
+    for s in older[: max(0, len(older) - (total_limit - 1))]:
+        (folder / f"step_{s}" / "step.json").unlink()
+        shutil.rmtree(folder / f"step_{s}")
 
 
 def find_checkpoint(accelerator, output_dir, resume_from_checkpoint: str | None) -> Path | None:

@@ -51,6 +51,7 @@ from accelerate.utils import (
 )
 from accelerate.utils import load as load_weights_only  # torch.load, weights_only=True
 from datasets import Dataset, load_dataset
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -132,6 +133,8 @@ class Args:
     """evaluate every this many optimizer steps (and at the end)"""
     save_steps: int = 500
     """write a resumable checkpoint every this many optimizer steps (0: never)"""
+    save_total_limit: int | None = None
+    """keep only the newest N checkpoints, deleting older ones after each save (PPO's best/ is apart)"""
     resume_from_checkpoint: str | None = None
     """'latest' or a path to output_dir/checkpoints/step_N to continue from"""
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
@@ -219,6 +222,8 @@ def check_reward_args(args: Args):
         raise DataError(
             "--save_steps and --center_rewards_coefficient must be >= 0, --warmup_ratio within [0, 1]"
         )
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        raise DataError(f"--save_total_limit must be >= 1 (or unset), got {args.save_total_limit}")
     package = {"tensorboard": ["tensorboard", "tensorboardX"], "wandb": ["wandb"]}.get(
         args.report_to, []
     )
@@ -471,6 +476,9 @@ def main(args: Args):
     model, optimizer, train_loader, eval_loader = accelerator.prepare(
         model, optimizer, train_loader, eval_loader
     )
+    checkpoints_open_as_models(
+        accelerator, tokenizer, lambda m: {"": ("", m)}
+    )  # also from_pretrained
     if accelerator.gradient_accumulation_steps != ga:
         raise DataError(
             f"the DeepSpeed config sets gradient_accumulation_steps={accelerator.gradient_accumulation_steps}, "
@@ -575,8 +583,9 @@ def main(args: Args):
             # a SIGTERM or SIGINT since the last step: checkpoint this step, then stop
             stop = STOP.requested(accelerator) and step < total_steps
             if args.save_steps > 0 and (step % args.save_steps == 0 or stop) and step < total_steps:
+                state = {"scheduler": scheduler.state_dict()}
                 save_checkpoint(
-                    accelerator, args.output_dir, step, {"scheduler": scheduler.state_dict()}
+                    accelerator, args.output_dir, step, state, None, args.save_total_limit
                 )
             if stop:
                 raise KeyboardInterrupt
@@ -1038,8 +1047,8 @@ def write_error(e: Exception, path) -> str:
 
 RESUME_MAY_CHANGE = {  # the step budget and logging; a moved or copied run directory still resumes
     "max_steps", "num_train_epochs", "num_iterations", "total_episodes", "iterations", "logging_steps",
-    "eval_steps", "save_steps", "resume_from_checkpoint", "overwrite_output_dir", "report_to",
-    "project", "run_name", "output_dir",
+    "eval_steps", "save_steps", "save_total_limit", "resume_from_checkpoint", "overwrite_output_dir",
+    "report_to", "project", "run_name", "output_dir",
 }  # fmt: skip
 
 
@@ -1169,13 +1178,20 @@ def write_model_dir(output_dir, write):
     tmp.rmdir()
 
 
-def save_checkpoint(accelerator, output_dir, step: int, state: dict, write_extra=None):
+def save_checkpoint(
+    accelerator,
+    output_dir,
+    step: int,
+    state: dict,
+    write_extra=None,
+    total_limit: int | None = None,
+):
     """output_dir/checkpoints/step_N: accelerate's model, optimizer and RNG state, our own `state`
     (step, scheduler, running statistics) as JSON in step.json, never pickled, and what
     write_extra(folder) adds (every process calls it). All of it is written under a temporary name
     that is renamed last, so a run killed while saving never leaves a half-written checkpoint that
     'latest' would pick. A failed write (a full disk) removes the partial checkpoint and stops the run
-    with one line; the checkpoints before it stay."""
+    with one line; the checkpoints before it stay. Then checkpoints beyond total_limit are deleted."""
     final = Path(output_dir) / "checkpoints" / f"step_{step}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
@@ -1200,7 +1216,64 @@ def save_checkpoint(accelerator, output_dir, step: int, state: dict, write_extra
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        prune_checkpoints(output_dir, total_limit, step)
     accelerator.wait_for_everyone()
+
+
+def checkpoints_open_as_models(accelerator, tokenizer, parts):
+    """Each checkpoint folder also opens with from_pretrained, as TRL's checkpoint-N does: the model's
+    weights are written there by save_pretrained (config.json, model.safetensors under the unwrapped
+    model's names, tied copies once) in place of accelerate's own weights file, so nothing is stored
+    twice, and a resume reads them back from there. parts(unwrapped model) -> {subfolder: (state-dict
+    prefix, PreTrainedModel)}. Under DeepSpeed the engine's own files stay (a resume needs them) and the
+    save_pretrained copy comes on top: twice the weights on disk there."""
+
+    def save(models, weights, folder):
+        weights.clear()  # accelerate writes no weights file of its own
+        for model in models:
+            state = accelerator.get_state_dict(model)  # full tensors (gathered under ZeRO-3)
+            for sub, (prefix, part) in parts(accelerator.unwrap_model(model)).items():
+                if accelerator.is_main_process:
+                    own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+                    part.save_pretrained(
+                        Path(folder) / sub, state_dict=own, safe_serialization=True
+                    )
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(folder)
+
+    def load(models, folder):
+        for model in models:
+            for sub, (_, part) in parts(accelerator.unwrap_model(model)).items():
+                files = sorted((Path(folder) / sub).glob("model*.safetensors"))
+                if not files:
+                    raise FileNotFoundError(f"no model*.safetensors in {Path(folder) / sub}")
+                state = {k: v for f in files for k, v in load_file(str(f)).items()}
+                missing, unexpected = part.load_state_dict(state, strict=False)
+                own = part.state_dict()
+                loaded = {own[k].data_ptr() for k in state if k in own}
+                wrong = unexpected + [k for k in missing if own[k].data_ptr() not in loaded]
+                if wrong:  # (a missing key that shares storage with a loaded one is a tied copy)
+                    raise ValueError(
+                        f"weights in {Path(folder) / sub} do not fit the model: {wrong[:3]}"
+                    )
+        models.clear()  # loaded here, not by accelerate
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def prune_checkpoints(output_dir, total_limit: int | None, step: int):
+    """--save_total_limit: once step_<step> is complete, delete the oldest complete checkpoints below it
+    until total_limit remain. The newest (what 'latest' resumes) is never touched, and each deletion
+    removes step.json first, so a deletion cut short never leaves a folder that looks complete."""
+    if total_limit is None:
+        return
+    folder = Path(output_dir) / "checkpoints"
+    older = sorted(int(p.name[5:]) for p in folder.glob("step_*") if p.name[5:].isdigit())
+    older = [s for s in older if s < step and (folder / f"step_{s}" / "step.json").exists()]
+    for s in older[: max(0, len(older) - (total_limit - 1))]:
+        (folder / f"step_{s}" / "step.json").unlink()
+        shutil.rmtree(folder / f"step_{s}")
 
 
 def find_checkpoint(accelerator, output_dir, resume_from_checkpoint: str | None) -> Path | None:

@@ -25,6 +25,7 @@ SHARED = [
     "describe_run", "lr_schedule", "keep_rows_up_to", "same_vocab", "load_reward_tokenizer",
     "labeller_texts", "reward_model_inputs", "RUN_LOCK", "lock_output_dir", "start_tracker",
     "StopSignal", "STOP", "write_error", "write_model_dir", "end_training", "adamw",
+    "checkpoints_open_as_models", "prune_checkpoints",
 ]  # fmt: skip
 
 
