@@ -575,23 +575,13 @@ def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list,
             f"{len(train)} training pairs make no full step of "
             f"{args.per_device_train_batch_size} x {accelerator.num_processes} x {ga}"
         )
-    # DeepSpeed clips inside its step, at its config's norm (accelerate's "auto" would be 1.0)
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
-        plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
-    policy, optimizer, train_loader, eval_loader = accelerator.prepare(
-        policy, optimizer, train_loader, eval_loader
+    policy, optimizer, train_loader, eval_loader = prepare_for_training(
+        accelerator, args.max_grad_norm, policy, optimizer, train_loader, eval_loader
     )
     if checkpoints:  # (once: DPO-Iter, which calls this per iteration, keeps none)
         checkpoints_open_as_models(
             accelerator, tokenizer, lambda m: {"": ("", m)}
         )  # also from_pretrained
-    if accelerator.gradient_accumulation_steps != ga:
-        raise DataError(
-            f"the DeepSpeed config sets gradient_accumulation_steps="
-            f"{accelerator.gradient_accumulation_steps}, the script {ga}: set them equal "
-            "(or 'auto' in the config)"
-        )
     # each process its own noise; the data order stays shared
     torch.manual_seed(args.seed + 100003 * accelerator.process_index)
 
@@ -639,12 +629,10 @@ def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list,
                     if i == ga - 1:
                         step_sums = accelerator.reduce(local, "sum")  # one sync per optimizer step
                         check_finite(step_sums[:7], "train/loss", start + done + 1)
-                    accelerator.backward(losses.sum() * accelerator.num_processes * ga / n_pairs)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad()
+                    loss = losses.sum() * accelerator.num_processes * ga / n_pairs
+                    optimizer_step(
+                        accelerator, loss, [policy], optimizer, scheduler, args.max_grad_norm
+                    )
             window += step_sums[:8]
             window_tokens += int(step_sums[8].item())
             done += 1
@@ -669,17 +657,9 @@ def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list,
                 window, window_tokens, window_start = torch.zeros_like(window), 0, time.time()
             if evals and (done % args.eval_steps == 0 or done == total_steps):
                 log.log(evaluate(accelerator, policy, ref_model, eval_loader, args), start + done)
-            # a SIGTERM or SIGINT since the last step: checkpoint this step, then stop (DPO-Iter
-            # keeps no step checkpoints: it resumes after its last complete iteration)
-            stop = STOP.requested(accelerator) and done < total_steps
-            save_due = checkpoints and args.save_steps > 0 and (done % args.save_steps == 0 or stop)
-            if save_due and done < total_steps:
-                state = {"scheduler": scheduler.state_dict()}
-                save_checkpoint(
-                    accelerator, args.output_dir, start + done, state, None, args.save_total_limit
-                )
-            if stop:
-                raise KeyboardInterrupt
+            # (DPO-Iter keeps no step checkpoints: it resumes after its last complete iteration)
+            state = {"scheduler": scheduler.state_dict()} if checkpoints else None
+            checkpoint_or_stop(accelerator, args, start + done, start + total_steps, state)
             if done >= total_steps:
                 break
     bar.close()
@@ -697,29 +677,11 @@ def check_args(args: Args) -> bool:
     positive = ("per_device_train_batch_size", "per_device_eval_batch_size",
                 "gradient_accumulation_steps", "logging_steps", "eval_steps", "max_length",
                 "max_new_tokens", "generation_batch_size", "iterations")  # fmt: skip
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise DataError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not args.learning_rate > 0:
-        raise DataError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    check_common_args(args, positive)
     if not args.beta > 0:
         raise DataError(f"--beta must be > 0, got {args.beta}")
-    if args.max_prompt_length is not None and args.max_prompt_length < 1:
-        raise DataError(
-            f"--max_prompt_length must be >= 1 (or unset), got {args.max_prompt_length}"
-        )
-    if (
-        args.save_steps < 0
-        or not 0 <= args.warmup_ratio <= 1
-        or args.weight_decay < 0
-        or not args.max_grad_norm > 0
-    ):
-        raise DataError(
-            "--save_steps and --weight_decay must be >= 0, --max_grad_norm > 0, --warmup_ratio "
-            "within [0, 1]"
-        )
-    if args.save_total_limit is not None and args.save_total_limit < 1:
-        raise DataError(f"--save_total_limit must be >= 1 (or unset), got {args.save_total_limit}")
+    if args.weight_decay < 0 or not args.max_grad_norm > 0:
+        raise DataError("--weight_decay must be >= 0 and --max_grad_norm > 0")
     if not 0 <= args.label_smoothing < 0.5:
         raise DataError(f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
     if args.loss_type == "ipo" and args.label_smoothing > 0:
@@ -746,13 +708,6 @@ def check_args(args: Args) -> bool:
             "--eval_only evaluates preference pairs: it needs --eval_split and no reward "
             "model/function"
         )
-    trackers = {"tensorboard": ["tensorboard", "tensorboardX"], "wandb": ["wandb"]}
-    package = trackers.get(args.report_to, [])
-    if package and not any(importlib.util.find_spec(p) for p in package):
-        raise DataError(
-            f"--report_to {args.report_to}: the package is not installed (pip install {package[0]})"
-        )
-    check_model_path(args.model_name_or_path)
     if args.ref_model_name_or_path:
         check_model_path(args.ref_model_name_or_path, "reference model")
     return online
@@ -831,15 +786,7 @@ def main(args: Args):
         check_reward_model(args.reward_model_name_or_path, args.trust_remote_code)
 
     # ---- accelerator, tokenizer and data: pairs (DPO) or prompts (DPO-Iter) ----
-    accelerator = Accelerator(
-        mixed_precision="bf16" if args.bf16 else "no",
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_dir=args.output_dir,
-    )
+    accelerator = make_accelerator(args, args.gradient_accumulation_steps)
     describe_run(
         accelerator, args.per_device_train_batch_size, args.gradient_accumulation_steps, "pairs"
     )
@@ -1396,6 +1343,90 @@ def adamw(accelerator, params, **kwargs) -> torch.optim.AdamW:
         "cpu", "cuda", "mps", "xpu", "hpu"
     )  # fmt: skip
     return torch.optim.AdamW(params, fused=True if fused else None, **kwargs)
+
+
+def check_common_args(args, positive: tuple):
+    """The argument mistakes every stage can make, one line each, before anything loads."""
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise DataError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.learning_rate > 0:
+        raise DataError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if args.max_prompt_length is not None and args.max_prompt_length < 1:
+        raise DataError(
+            f"--max_prompt_length must be >= 1 (or unset), got {args.max_prompt_length}"
+        )
+    if args.save_steps < 0 or not 0 <= args.warmup_ratio <= 1:
+        raise DataError("--save_steps must be >= 0 and --warmup_ratio within [0, 1]")
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        raise DataError(f"--save_total_limit must be >= 1 (or unset), got {args.save_total_limit}")
+    package = {"tensorboard": ["tensorboard", "tensorboardX"], "wandb": ["wandb"]}.get(
+        args.report_to, []
+    )
+    if package and not any(importlib.util.find_spec(p) for p in package):
+        raise DataError(
+            f"--report_to {args.report_to}: the package is not installed (pip install {package[0]})"
+        )
+    check_model_path(args.model_name_or_path)
+
+
+def make_accelerator(args, gradient_accumulation_steps: int) -> Accelerator:
+    """bf16 autocast under --bf16; accumulation counted by the script (sync_with_dataloader=False:
+    every optimizer step sees exactly ga micro-batches); the seedable sampler, so every process and
+    every resume draws the same data order; the tracker of --report_to."""
+    return Accelerator(
+        mixed_precision="bf16" if args.bf16 else "no",
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=args.output_dir,
+    )
+
+
+def prepare_for_training(accelerator, max_grad_norm: float, *objects):
+    """accelerator.prepare, with the two DeepSpeed settings that must agree with the script: it clips
+    inside its own step at its config's norm ('auto' would be accelerate's 1.0), and its config's
+    gradient_accumulation_steps must be the script's."""
+    ga = accelerator.gradient_accumulation_steps
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
+        plugin.deepspeed_config["gradient_clipping"] = max_grad_norm
+    prepared = accelerator.prepare(*objects)
+    if accelerator.gradient_accumulation_steps != ga:
+        raise DataError(
+            f"the DeepSpeed config sets gradient_accumulation_steps="
+            f"{accelerator.gradient_accumulation_steps}, the script derives {ga} from its batch "
+            "arguments: set them equal (or 'auto' in the config)"
+        )
+    return prepared
+
+
+def optimizer_step(accelerator, loss, parts: list, optimizer, scheduler, max_grad_norm: float):
+    """Backward; at the end of an accumulation group, clip (each part of the model its own norm),
+    step, advance the schedule, zero the gradients. Under DeepSpeed the step runs inside backward."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        for part in parts:
+            accelerator.clip_grad_norm_(part.parameters(), max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+
+
+def checkpoint_or_stop(accelerator, args, step: int, total: int, state, write_extra=None):
+    """Every --save_steps steps a checkpoint (not at the last: the model itself is saved then); after
+    a SIGTERM or SIGINT (StopSignal) a checkpoint of this step, then KeyboardInterrupt, which ends
+    the run with the line that says how to resume. `state` None: no checkpoints (DPO-Iter's rounds)."""
+    stop = STOP.requested(accelerator) and step < total
+    due = state is not None and args.save_steps > 0 and (step % args.save_steps == 0 or stop)
+    if due and step < total:
+        save_checkpoint(
+            accelerator, args.output_dir, step, state, write_extra, args.save_total_limit
+        )
+    if stop:
+        raise KeyboardInterrupt
 
 
 def lr_schedule(optimizer, name: str, warmup_ratio: float, total_steps: int):

@@ -741,6 +741,29 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def load_prompts(args, tokenizer, split: str) -> list:
+    """{prompt, prompt_ids} rows of a split; the labeller reads the dataset's own prompt."""
+    prompts = to_prompts(load_split(args.dataset_name, args.dataset_config, split))
+    max_length = args.max_prompt_length + args.max_new_tokens
+    return tokenize_prompts(prompts, tokenizer, max_length, args.max_prompt_length, split)
+
+
+def count_iterations(args, n_prompts: int, sizes: dict) -> tuple:
+    """-> (iterations per epoch, iterations of the run: --num_iterations, else from --total_episodes,
+    else from --num_train_epochs)"""
+    iters_per_epoch = n_prompts // sizes["prompts_per_iteration"]
+    if iters_per_epoch == 0:
+        raise DataError(
+            f"{n_prompts} prompts make no full iteration of {args.per_device_prompt_batch_size} "
+            f"prompts x {sizes['prompts_per_iteration'] // args.per_device_prompt_batch_size} processes"
+        )
+    if args.num_iterations > 0:
+        return iters_per_epoch, args.num_iterations
+    if args.total_episodes > 0:
+        return iters_per_epoch, math.ceil(args.total_episodes / sizes["rollout_batch_size"])
+    return iters_per_epoch, math.ceil(args.num_train_epochs * iters_per_epoch)
+
+
 def check_args(args: Args):
     """Argument mistakes, reported in one line before anything loads."""
     if (args.reward_model_name_or_path is None) == (args.reward_fn is None):
@@ -749,27 +772,13 @@ def check_args(args: Args):
         raise DataError("temperature must be > 0 (PPO needs sampled rollouts)")
     positive = ("logging_steps", "eval_steps", "max_prompt_length", "max_new_tokens",
                 "per_device_eval_batch_size")  # fmt: skip
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise DataError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("learning_rate", "critic_learning_rate"):
-        if not getattr(args, name) > 0:
-            raise DataError(f"--{name} must be > 0, got {getattr(args, name)}")
-    if not 0 <= args.ref_ema <= 1 or not 0 <= args.warmup_ratio <= 1:
-        raise DataError("--ref_ema and --warmup_ratio must be within [0, 1]")
-    if args.save_steps < 0 or args.num_samples < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        raise DataError(
-            "--save_steps, --num_samples, --top_k must be >= 0 and --top_p within (0, 1]"
-        )
-    if args.save_total_limit is not None and args.save_total_limit < 1:
-        raise DataError(f"--save_total_limit must be >= 1 (or unset), got {args.save_total_limit}")
-    tracker_packages = {"tensorboard": ["tensorboard", "tensorboardX"], "wandb": ["wandb"]}
-    package = tracker_packages.get(args.report_to, [])
-    if package and not any(importlib.util.find_spec(p) for p in package):
-        raise DataError(
-            f"--report_to {args.report_to}: the package is not installed (pip install {package[0]})"
-        )
-    check_model_path(args.model_name_or_path)
+    check_common_args(args, positive)
+    if not args.critic_learning_rate > 0:
+        raise DataError(f"--critic_learning_rate must be > 0, got {args.critic_learning_rate}")
+    if not 0 <= args.ref_ema <= 1:
+        raise DataError(f"--ref_ema must be within [0, 1], got {args.ref_ema}")
+    if args.num_samples < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise DataError("--num_samples, --top_k must be >= 0 and --top_p within (0, 1]")
     if args.value_model_name_or_path:
         check_model_path(args.value_model_name_or_path, "value model")
     if args.reward_model_name_or_path:
@@ -817,37 +826,176 @@ def load_models(args, tokenizer, reward_tokenizer):
     return policy, ref_model, reward_model, critic
 
 
+# ---- one iteration in three phases: rollout, PPO update, reference EMA ----
+
+
+def rollout(
+    args, accelerator, model, ref_model, scorer, batch, tokenizer, config, value_stats, step
+):
+    """Phase 1 (no gradients): sample samples_per_prompt responses per prompt (generation `config`), cut them at EOS, score
+    them, and turn scores into per-token rewards, advantages and the critic's targets. -> a dict of
+    [B, R] tensors for the update, and `sums`: the global rollout statistics."""
+    model.eval()
+    unwrapped = accelerator.unwrap_model(model)
+    reduce_sum = lambda t: accelerator.reduce(t, "sum")  # global rollout-batch statistics
+    prompts = batch["input_ids"].repeat_interleave(args.samples_per_prompt, 0)
+    prompt_mask = batch["attention_mask"].repeat_interleave(args.samples_per_prompt, 0)
+    originals = [p for p in batch["prompt"] for _ in range(args.samples_per_prompt)]
+    chunk, pad_id = args.local_rollout_forward_batch_size, tokenizer.pad_token_id
+    sampling = (accelerator, unwrapped.policy, prompts, prompt_mask, config)
+    # fp32: the policy's log-probs come from the generation pass (within ~1e-6 of a second
+    # forward). Under bf16 the cached pass and a full forward differ by ~1e-2: recomputed.
+    if args.bf16:
+        responses, gen_logp = generate(*sampling, chunk, pad_id), None
+    else:
+        responses, gen_logp = generate(*sampling, chunk, pad_id, with_logps=True)
+    responses, response_mask, has_eos = truncate_after_eos(
+        responses, tokenizer.eos_token_id, pad_id
+    )
+    sequences = (prompts, prompt_mask, responses, response_mask)
+    # `values` are the critic's raw outputs, in its own (normalized) units
+    logp, ref_logp, values = rollout_forward(
+        accelerator, unwrapped, ref_model, *sequences, chunk, args.temperature, logps=gen_logp
+    )
+    with accelerator.autocast():
+        raw_scores = scorer(*sequences, has_eos, originals)
+    # Tulu 2.5 App. F: the EOS trick
+    scores = apply_missing_eos_penalty(raw_scores, has_eos, args.missing_eos_penalty)
+    # Tulu 2.5 Eq. 4: clipped score on the last token, KL penalty on every token
+    rewards, kl, non_score_reward = compute_rewards(
+        scores, logp, ref_logp, response_mask, args.kl_coef, args.reward_clip
+    )
+    mask = response_mask.float()
+    sums = reduce_sum(torch.stack([
+        raw_scores.sum(), kl.sum(), (-logp * mask).sum(), non_score_reward.sum(),
+        scores.clamp(-args.reward_clip, args.reward_clip).sum() + non_score_reward.sum(),
+        has_eos.float().sum(), torch.tensor(float(len(scores)), device=scores.device),
+    ]))  # fmt: skip
+    check_finite(sums, "score or KL", step + 1)
+    # App. A.2 value normalization: GAE needs values in reward units (statistics before update)
+    old_values = values * mask  # the clip window's centre: the critic's own rollout output
+    if args.normalize_value:
+        values = values * value_stats.std + value_stats.mean
+    values = values * mask
+    advantages, returns = compute_advantages(
+        rewards, values, mask, args.gamma, args.lam, args.whiten_advantages, reduce_sum
+    )
+    residual_var = masked_var(returns - values, mask, reduce_sum)
+    explained_variance = 1 - residual_var / masked_var(returns, mask, reduce_sum).clamp(min=1e-8)
+    # the critic's targets, in its units: normalized with the new statistics
+    returns_target = returns
+    if args.normalize_value:
+        value_stats.update(returns, mask, reduce_sum)
+        returns_target = (returns - value_stats.mean) / value_stats.std * mask
+    return {"prompts": prompts, "prompt_mask": prompt_mask, "responses": responses,
+            "response_mask": response_mask, "mask": mask, "logp": logp, "old_values": old_values,
+            "advantages": advantages, "returns_target": returns_target, "sums": sums,
+            "explained_variance": explained_variance.item()}  # fmt: skip
+
+
+def ppo_loss(args, accelerator, model, ro: dict, idx, n_tokens):
+    """The clipped policy loss plus vf_coef x the clipped value loss on the rollout rows `idx`, each
+    divided by the global minibatch's token count n_tokens. -> (loss, token sums of approxkl,
+    clipfrac, val/clipfrac, loss/policy, loss/value and the token count)"""
+    responses = ro["responses"][idx]
+    ids = torch.cat([ro["prompts"][idx], responses], 1)
+    attn = torch.cat([ro["prompt_mask"][idx], ro["response_mask"][idx]], 1)
+    with accelerator.autocast():
+        logits, new_values = model(ids, attn, responses.shape[1])
+    new_logp = response_logprobs(logits, responses, args.temperature)
+    m = ro["mask"][idx]
+    pg_loss, pg = policy_loss(
+        new_logp, ro["logp"][idx], ro["advantages"][idx], m, args.clip_range, n_tokens
+    )
+    vf_loss, vf = value_loss(
+        new_values,
+        ro["old_values"][idx],
+        ro["returns_target"][idx],
+        m,
+        args.clip_range_value,
+        n_tokens,
+    )
+    n = m.sum()
+    sums = [pg["approxkl"] * n, pg["clipfrac"] * n, vf["clipfrac"] * n,
+            pg_loss.detach() * n_tokens, vf_loss.detach() * n_tokens, n]  # fmt: skip
+    return pg_loss + args.vf_coef * vf_loss, torch.stack(sums)
+
+
+def ppo_update(args, accelerator, model, optimizer, scheduler, ro: dict, n_mb: int, step: int):
+    """Phase 2: ppo_epochs passes over the rollout in shuffled minibatches of n_mb rows (per process),
+    one optimizer step each, its micro-batches of per_device_train_batch_size accumulated. -> the
+    local sums of ppo_loss's statistics."""
+    model.train()
+    unwrapped = accelerator.unwrap_model(model)
+    parts = [unwrapped.policy, unwrapped.critic]  # actor and critic clipped, each to its own norm
+    reduce_sum = lambda t: accelerator.reduce(t, "sum")
+    n_micro, n_rows = args.per_device_train_batch_size, len(ro["prompts"])
+    # DDP averages over processes and backward divides by ga: the loss is a global token mean
+    scale = accelerator.num_processes * accelerator.gradient_accumulation_steps
+    update_sums = torch.zeros(6, device=accelerator.device)
+    for _ in range(args.ppo_epochs):
+        order = torch.randperm(n_rows, device=ro["prompts"].device)
+        for start in range(0, n_rows, n_mb):
+            mb = order[start : start + n_mb]
+            # the response tokens of the whole global minibatch: 1 and N processes (and any
+            # accumulation) give the same gradient
+            n_tokens = reduce_sum(ro["mask"][mb].sum()).clamp(min=1)
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for m0 in range(0, n_mb, n_micro):
+                with accelerator.accumulate(model):
+                    loss, sums = ppo_loss(
+                        args, accelerator, model, ro, mb[m0 : m0 + n_micro], n_tokens
+                    )
+                    loss_sum = loss_sum + loss.detach()
+                    if m0 + n_micro >= n_mb:  # the last micro-batch: DeepSpeed steps in backward
+                        check_finite(reduce_sum(loss_sum), "loss", step + 1)
+                    optimizer_step(
+                        accelerator, loss * scale, parts, optimizer, scheduler, args.max_grad_norm
+                    )
+                update_sums += sums
+    return update_sums
+
+
+def iteration_metrics(ro_sums, update_sums, explained_variance, seconds, step, sizes, lr, device):
+    """The metric names of TRL's PPOTrainer and CleanRL: global sums divided once."""
+    r, u = ro_sums.tolist(), update_sums.tolist()
+    n_seq, n_tok = r[6], max(u[5], 1.0)
+    return {
+        "objective/scores": r[0] / n_seq,
+        "objective/kl": r[1] / n_seq,  # per-response sum of the per-token KL, mean over responses
+        "objective/entropy": r[2] / n_seq,  # sample estimate, summed over tokens
+        "objective/non_score_reward": r[3] / n_seq,
+        "objective/rlhf_reward": r[4] / n_seq,
+        "policy/approxkl": u[0] / n_tok,
+        "policy/clipfrac": u[1] / n_tok,
+        "val/clipfrac": u[2] / n_tok,
+        "loss/policy": u[3] / n_tok,
+        "loss/value": u[4] / n_tok,
+        "val/explained_variance": explained_variance,
+        "val/num_eos_tokens": r[5],
+        "episode": step * sizes["rollout_batch_size"],
+        "lr": lr,
+        "eps": sizes["rollout_batch_size"] / max(sum(seconds), 1e-9),
+        "time/rollout_seconds": seconds[0],
+        "time/update_seconds": seconds[1],
+        "memory/peak_gb": peak_memory_gb(device),
+    }
+
+
 def main(args: Args):
     # ---- arguments and data, checked before any model is loaded ----
     check_args(args)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
-    accelerator = Accelerator(
-        mixed_precision="bf16" if args.bf16 else "no",
-        # Accumulation counts micro-batches per minibatch by hand (sync_with_dataloader=False); the
-        # number depends on the process count, so it is set below, before prepare().
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=1, sync_with_dataloader=False
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_dir=args.output_dir,
-    )
+    # accumulation counts micro-batches per minibatch; the number depends on the process count
+    accelerator = make_accelerator(args, 1)
     sizes = derive_batch_sizes(args, accelerator.num_processes)
-    ga = sizes["gradient_accumulation_steps"]
-    accelerator.gradient_accumulation_steps = ga
+    ga = accelerator.gradient_accumulation_steps = sizes["gradient_accumulation_steps"]
     describe_run(accelerator, args.per_device_train_batch_size, ga, "responses")
     set_seed(args.seed)
     tokenizer = load_tokenizer(args)
     reward_tokenizer = load_reward_tokenizer(args, tokenizer)
-
-    def prompts_of(split: str) -> list:
-        prompts = to_prompts(load_split(args.dataset_name, args.dataset_config, split))
-        max_length = args.max_prompt_length + args.max_new_tokens
-        kept = tokenize_prompts(prompts, tokenizer, max_length, args.max_prompt_length, split)
-        return kept  # {prompt, prompt_ids}: the labeller reads the dataset's prompt
-
-    train_prompts = prompts_of(args.train_split)
-    eval_prompts = prompts_of(args.eval_split) if args.eval_split else []
+    train_prompts = load_prompts(args, tokenizer, args.train_split)
+    eval_prompts = load_prompts(args, tokenizer, args.eval_split) if args.eval_split else []
     loader = torch.utils.data.DataLoader(
         train_prompts,
         batch_size=args.per_device_prompt_batch_size,
@@ -859,18 +1007,7 @@ def main(args: Args):
         # accelerate's seedable sampler, which reseeds it with seed + epoch.
         generator=torch.Generator().manual_seed(args.seed),
     )
-    iters_per_epoch = len(train_prompts) // sizes["prompts_per_iteration"]
-    if iters_per_epoch == 0:
-        raise DataError(
-            f"{len(train_prompts)} prompts make no full iteration of "
-            f"{args.per_device_prompt_batch_size} prompts x {accelerator.num_processes} processes"
-        )
-    if args.num_iterations > 0:
-        num_iterations = args.num_iterations
-    elif args.total_episodes > 0:
-        num_iterations = math.ceil(args.total_episodes / sizes["rollout_batch_size"])
-    else:
-        num_iterations = math.ceil(args.num_train_epochs * iters_per_epoch)
+    iters_per_epoch, num_iterations = count_iterations(args, len(train_prompts), sizes)
     resume_from = find_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint)
     # refuse to mix runs; a resume must also share the process count and the training prompts
     n = accelerator.num_processes
@@ -895,20 +1032,12 @@ def main(args: Args):
          {"params": critic.parameters(), "lr": args.critic_learning_rate}],
         weight_decay=args.weight_decay,
     )  # fmt: skip
-    # DeepSpeed clips inside its step, at its config's norm
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
-        plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer, loader = prepare_for_training(
+        accelerator, args.max_grad_norm, model, optimizer, loader
+    )
     # a checkpoint opens with from_pretrained: the policy at its root, the critic in critic/
     parts = lambda m: {"": ("policy.", m.policy), "critic": ("critic.", m.critic)}
     checkpoints_open_as_models(accelerator, tokenizer, parts)
-    config_ga = accelerator.gradient_accumulation_steps
-    if config_ga != ga:
-        raise DataError(
-            f"the DeepSpeed config sets gradient_accumulation_steps={config_ga}, the script "
-            f"derives {ga} from the batch arguments: set it to 'auto' in the config (or remove it)"
-        )
     # Each process draws its own sampling noise (after prepare: the data order stays shared).
     torch.manual_seed(args.seed + 100003 * accelerator.process_index)
     ref_model = prepare_frozen(accelerator, ref_model)
@@ -919,7 +1048,6 @@ def main(args: Args):
     scheduler = lr_schedule(optimizer, args.lr_scheduler, args.warmup_ratio, total_optimizer_steps)
     value_stats = RunningMeanStd()
     scorer = Scorer(args, tokenizer, accelerator.device, reward_model, reward_tokenizer, reward_fn)
-    unwrapped = accelerator.unwrap_model(model)
 
     # ---- resume, trackers ----
     step, best_score = 0, -math.inf
@@ -930,7 +1058,6 @@ def main(args: Args):
     log = MetricsLog(accelerator, args.output_dir, step)
     if step and accelerator.is_main_process:  # evaluations after the checkpoint are re-run
         keep_rows_up_to(Path(args.output_dir) / "samples.jsonl", step)
-    reduce_sum = lambda t: accelerator.reduce(t, "sum")  # global rollout-batch statistics
 
     # ---- training loop: one iteration = rollout, then PPO updates, then the reference EMA ----
     bar = tqdm(
@@ -946,140 +1073,22 @@ def main(args: Args):
             batches = iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
         batch = next(batches)
         t0 = time.time()
-
-        # ---- rollout ----
-        model.eval()
-        prompts = batch["input_ids"].repeat_interleave(args.samples_per_prompt, 0)
-        prompt_mask = batch["attention_mask"].repeat_interleave(args.samples_per_prompt, 0)
-        originals = [p for p in batch["prompt"] for _ in range(args.samples_per_prompt)]
-        chunk, pad_id = args.local_rollout_forward_batch_size, tokenizer.pad_token_id
-        sampling = (accelerator, unwrapped.policy, prompts, prompt_mask, sampling_config, chunk)
-        # fp32: the policy's log-probs come from the generation pass (within ~1e-6 of a second
-        # forward). Under bf16 the cached pass and a full forward differ by ~1e-2: recomputed.
-        if args.bf16:
-            responses, gen_logp = generate(*sampling, pad_id), None
-        else:
-            responses, gen_logp = generate(*sampling, pad_id, with_logps=True)
-        eos_id = tokenizer.eos_token_id
-        responses, response_mask, has_eos = truncate_after_eos(responses, eos_id, pad_id)
-        sequences = (prompts, prompt_mask, responses, response_mask)
-        # `values` are the critic's raw outputs, in its own (normalized) units
-        logp, ref_logp, values = rollout_forward(
-            accelerator, unwrapped, ref_model, *sequences, chunk, args.temperature, logps=gen_logp
-        )
-        with accelerator.autocast():
-            raw_scores = scorer(*sequences, has_eos, originals)
-        # Tulu 2.5 App. F: the EOS trick
-        scores = apply_missing_eos_penalty(raw_scores, has_eos, args.missing_eos_penalty)
-        # Tulu 2.5 Eq. 4: clipped score on the last token, KL penalty on every token
-        rewards, kl, non_score_reward = compute_rewards(
-            scores, logp, ref_logp, response_mask, args.kl_coef, args.reward_clip
-        )
-        mask = response_mask.float()
-        rollout_sums = reduce_sum(torch.stack([
-            raw_scores.sum(), kl.sum(), (-logp * mask).sum(), non_score_reward.sum(),
-            scores.clamp(-args.reward_clip, args.reward_clip).sum() + non_score_reward.sum(),
-            has_eos.float().sum(), torch.tensor(float(len(scores)), device=scores.device),
-        ]))  # fmt: skip
-        check_finite(rollout_sums, "score or KL", step + 1)
-        # App. A.2 value normalization: GAE needs values in reward units (statistics before update)
-        old_values = values * mask  # the clip window's centre: the critic's own rollout output
-        if args.normalize_value:
-            values = values * value_stats.std + value_stats.mean
-        values = values * mask
-        advantages, returns = compute_advantages(
-            rewards, values, mask, args.gamma, args.lam, args.whiten_advantages, reduce_sum
-        )
-        residual_var = masked_var(returns - values, mask, reduce_sum)
-        returns_var = masked_var(returns, mask, reduce_sum).clamp(min=1e-8)
-        explained_variance = 1 - residual_var / returns_var
-        # the critic's targets, in its units: normalized with the new statistics
-        returns_target = returns
-        if args.normalize_value:
-            value_stats.update(returns, mask, reduce_sum)
-            returns_target = (returns - value_stats.mean) / value_stats.std * mask
-        rollout_seconds = time.time() - t0
-
-        # ---- PPO update: ppo_epochs x num_minibatches optimizer steps (gradient accumulation) ----
+        ro = rollout(args, accelerator, model, ref_model, scorer, batch, tokenizer,
+                     sampling_config, value_stats, step)  # fmt: skip
         t1 = time.time()
-        model.train()
-        # token sums of approxkl, clipfrac, val/clipfrac, loss/policy, loss/value; the token count
-        update_sums = torch.zeros(6, device=accelerator.device)
-        n_mb, n_micro = sizes["local_minibatch_size"], args.per_device_train_batch_size
-        R = responses.shape[1]
-        for _ in range(args.ppo_epochs):
-            order = torch.randperm(len(prompts), device=prompts.device)
-            for start in range(0, len(prompts), n_mb):
-                mb = order[start : start + n_mb]
-                # Normalize by the response tokens of the whole global minibatch, so 1 and N
-                # processes (and any accumulation) give the same gradient; DDP averages over
-                # processes, hence the factor num_processes x ga below.
-                n_tokens = reduce_sum(mask[mb].sum()).clamp(min=1)
-                loss_sum = torch.zeros((), device=accelerator.device)
-                for m0 in range(0, n_mb, n_micro):
-                    idx = mb[m0 : m0 + n_micro]
-                    with accelerator.accumulate(model):
-                        ids = torch.cat([prompts[idx], responses[idx]], 1)
-                        attn = torch.cat([prompt_mask[idx], response_mask[idx]], 1)
-                        with accelerator.autocast():
-                            logits, new_values = model(ids, attn, R)
-                        new_logp = response_logprobs(logits, responses[idx], args.temperature)
-                        m = mask[idx]
-                        pg_loss, pg_stats = policy_loss(
-                            new_logp, logp[idx], advantages[idx], m, args.clip_range, n_tokens
-                        )
-                        old_v, target = old_values[idx], returns_target[idx]
-                        vf_loss, vf_stats = value_loss(
-                            new_values, old_v, target, m, args.clip_range_value, n_tokens
-                        )
-                        loss = pg_loss + args.vf_coef * vf_loss
-                        loss_sum = loss_sum + loss.detach()
-                        # the last micro-batch: DeepSpeed steps inside backward
-                        if m0 + n_micro >= n_mb:
-                            check_finite(reduce_sum(loss_sum), "loss", step + 1)
-                        accelerator.backward(loss * accelerator.num_processes * ga)
-                        if accelerator.sync_gradients:  # actor and critic, each its own norm
-                            for part in (unwrapped.policy, unwrapped.critic):
-                                accelerator.clip_grad_norm_(part.parameters(), args.max_grad_norm)
-                            optimizer.step()
-                            scheduler.step()
-                            optimizer.zero_grad()
-                    n = m.sum()
-                    per_token = [pg_stats["approxkl"], pg_stats["clipfrac"], vf_stats["clipfrac"]]
-                    losses = [pg_loss.detach(), vf_loss.detach()]
-                    weighted = [x * n for x in per_token] + [x * n_tokens for x in losses]
-                    update_sums += torch.stack([*weighted, n])
-        # ---- Sec. 5: reference-model EMA (key factor 3) ----
-        ema_update(ref_model, unwrapped.policy, args.ref_ema, accelerator)
-        update_seconds = time.time() - t1
+        n_mb = sizes["local_minibatch_size"]
+        update_sums = ppo_update(args, accelerator, model, optimizer, scheduler, ro, n_mb, step)
+        # Sec. 5: reference-model EMA (key factor 3)
+        ema_update(ref_model, accelerator.unwrap_model(model).policy, args.ref_ema, accelerator)
+        seconds = (t1 - t0, time.time() - t1)
         step += 1
         bar.update(1)
 
         # ---- metrics: global sums and counts, divided once ----
-        u = reduce_sum(update_sums).tolist()
-        r = rollout_sums.tolist()
-        n_seq, n_tok = r[6], max(u[5], 1.0)
-        metrics = {
-            "objective/scores": r[0] / n_seq,
-            # per-response sum of the per-token KL, mean over responses
-            "objective/kl": r[1] / n_seq,
-            "objective/entropy": r[2] / n_seq,  # sample estimate, summed over tokens
-            "objective/non_score_reward": r[3] / n_seq,
-            "objective/rlhf_reward": r[4] / n_seq,
-            "policy/approxkl": u[0] / n_tok,
-            "policy/clipfrac": u[1] / n_tok,
-            "val/clipfrac": u[2] / n_tok,
-            "loss/policy": u[3] / n_tok,
-            "loss/value": u[4] / n_tok,
-            "val/explained_variance": explained_variance.item(),
-            "val/num_eos_tokens": r[5],
-            "episode": step * sizes["rollout_batch_size"],
-            "lr": scheduler.get_last_lr()[0],
-            "eps": sizes["rollout_batch_size"] / max(rollout_seconds + update_seconds, 1e-9),
-            "time/rollout_seconds": rollout_seconds,
-            "time/update_seconds": update_seconds,
-            "memory/peak_gb": peak_memory_gb(accelerator.device),
-        }
+        metrics = iteration_metrics(
+            ro["sums"], accelerator.reduce(update_sums, "sum"), ro["explained_variance"], seconds,
+            step, sizes, scheduler.get_last_lr()[0], accelerator.device,
+        )  # fmt: skip
         if step % args.logging_steps == 0 or step == num_iterations:
             log.log(metrics, step)
         bar.set_postfix(
@@ -1097,18 +1106,11 @@ def main(args: Args):
                 best_score = eval_metrics["eval/score"]
                 best = {"best.json": {"step": step, **eval_metrics}}  # saved with its policy
                 save_policy(accelerator, model, tokenizer, Path(args.output_dir) / "best", best)
-        # a SIGTERM or SIGINT during this iteration: checkpoint it, then stop
-        stop = STOP.requested(accelerator) and step < num_iterations
-        if args.save_steps > 0 and (step % args.save_steps == 0 or stop) and step < num_iterations:
-            state = {"scheduler": scheduler.state_dict(), "value_stats": value_stats.state_dict(),
-                     "best_score": best_score}  # fmt: skip
-            # the EMA'd reference is written into the checkpoint before its rename
-            reference = lambda folder: save_reference(accelerator, ref_model, folder)
-            save_checkpoint(
-                accelerator, args.output_dir, step, state, reference, args.save_total_limit
-            )
-        if stop:
-            raise KeyboardInterrupt
+        state = {"scheduler": scheduler.state_dict(), "value_stats": value_stats.state_dict(),
+                 "best_score": best_score}  # fmt: skip
+        # the EMA'd reference is written into the checkpoint before its rename
+        reference = lambda folder: save_reference(accelerator, ref_model, folder)
+        checkpoint_or_stop(accelerator, args, step, num_iterations, state, reference)
     bar.close()
 
     # ---- save ----
@@ -1546,6 +1548,90 @@ def adamw(accelerator, params, **kwargs) -> torch.optim.AdamW:
         "cpu", "cuda", "mps", "xpu", "hpu"
     )  # fmt: skip
     return torch.optim.AdamW(params, fused=True if fused else None, **kwargs)
+
+
+def check_common_args(args, positive: tuple):
+    """The argument mistakes every stage can make, one line each, before anything loads."""
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise DataError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.learning_rate > 0:
+        raise DataError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if args.max_prompt_length is not None and args.max_prompt_length < 1:
+        raise DataError(
+            f"--max_prompt_length must be >= 1 (or unset), got {args.max_prompt_length}"
+        )
+    if args.save_steps < 0 or not 0 <= args.warmup_ratio <= 1:
+        raise DataError("--save_steps must be >= 0 and --warmup_ratio within [0, 1]")
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        raise DataError(f"--save_total_limit must be >= 1 (or unset), got {args.save_total_limit}")
+    package = {"tensorboard": ["tensorboard", "tensorboardX"], "wandb": ["wandb"]}.get(
+        args.report_to, []
+    )
+    if package and not any(importlib.util.find_spec(p) for p in package):
+        raise DataError(
+            f"--report_to {args.report_to}: the package is not installed (pip install {package[0]})"
+        )
+    check_model_path(args.model_name_or_path)
+
+
+def make_accelerator(args, gradient_accumulation_steps: int) -> Accelerator:
+    """bf16 autocast under --bf16; accumulation counted by the script (sync_with_dataloader=False:
+    every optimizer step sees exactly ga micro-batches); the seedable sampler, so every process and
+    every resume draws the same data order; the tracker of --report_to."""
+    return Accelerator(
+        mixed_precision="bf16" if args.bf16 else "no",
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=args.output_dir,
+    )
+
+
+def prepare_for_training(accelerator, max_grad_norm: float, *objects):
+    """accelerator.prepare, with the two DeepSpeed settings that must agree with the script: it clips
+    inside its own step at its config's norm ('auto' would be accelerate's 1.0), and its config's
+    gradient_accumulation_steps must be the script's."""
+    ga = accelerator.gradient_accumulation_steps
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
+        plugin.deepspeed_config["gradient_clipping"] = max_grad_norm
+    prepared = accelerator.prepare(*objects)
+    if accelerator.gradient_accumulation_steps != ga:
+        raise DataError(
+            f"the DeepSpeed config sets gradient_accumulation_steps="
+            f"{accelerator.gradient_accumulation_steps}, the script derives {ga} from its batch "
+            "arguments: set them equal (or 'auto' in the config)"
+        )
+    return prepared
+
+
+def optimizer_step(accelerator, loss, parts: list, optimizer, scheduler, max_grad_norm: float):
+    """Backward; at the end of an accumulation group, clip (each part of the model its own norm),
+    step, advance the schedule, zero the gradients. Under DeepSpeed the step runs inside backward."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        for part in parts:
+            accelerator.clip_grad_norm_(part.parameters(), max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+
+
+def checkpoint_or_stop(accelerator, args, step: int, total: int, state, write_extra=None):
+    """Every --save_steps steps a checkpoint (not at the last: the model itself is saved then); after
+    a SIGTERM or SIGINT (StopSignal) a checkpoint of this step, then KeyboardInterrupt, which ends
+    the run with the line that says how to resume. `state` None: no checkpoints (DPO-Iter's rounds)."""
+    stop = STOP.requested(accelerator) and step < total
+    due = state is not None and args.save_steps > 0 and (step % args.save_steps == 0 or stop)
+    if due and step < total:
+        save_checkpoint(
+            accelerator, args.output_dir, step, state, write_extra, args.save_total_limit
+        )
+    if stop:
+        raise KeyboardInterrupt
 
 
 def lr_schedule(optimizer, name: str, warmup_ratio: float, total_steps: int):

@@ -194,44 +194,17 @@ def init_head(head: torch.nn.Linear):
 
 def check_reward_args(args: Args):
     """Argument mistakes, one line each, before anything loads."""
-    for name in (
-        "per_device_train_batch_size",
-        "per_device_eval_batch_size",
-        "gradient_accumulation_steps",
-        "logging_steps",
-        "eval_steps",
-        "max_length",
-    ):
-        if getattr(args, name) < 1:
-            raise DataError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not args.learning_rate > 0:
-        raise DataError(f"--learning_rate must be > 0, got {args.learning_rate}")
-    if args.max_prompt_length is not None and args.max_prompt_length < 1:
-        raise DataError(
-            f"--max_prompt_length must be >= 1 (or unset), got {args.max_prompt_length}"
-        )
+    positive = ("per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "logging_steps", "eval_steps", "max_length")  # fmt: skip
+    check_common_args(args, positive)
     if args.max_steps <= 0 and not args.num_train_epochs > 0:
         raise DataError(
             f"--num_train_epochs must be > 0 (or --max_steps set), got {args.num_train_epochs}"
         )
-    if (
-        args.save_steps < 0
-        or not 0 <= args.warmup_ratio <= 1
-        or not args.center_rewards_coefficient >= 0
-    ):
+    if not args.center_rewards_coefficient >= 0:
         raise DataError(
-            "--save_steps and --center_rewards_coefficient must be >= 0, --warmup_ratio within [0, 1]"
+            f"--center_rewards_coefficient must be >= 0, got {args.center_rewards_coefficient}"
         )
-    if args.save_total_limit is not None and args.save_total_limit < 1:
-        raise DataError(f"--save_total_limit must be >= 1 (or unset), got {args.save_total_limit}")
-    package = {"tensorboard": ["tensorboard", "tensorboardX"], "wandb": ["wandb"]}.get(
-        args.report_to, []
-    )
-    if package and not any(importlib.util.find_spec(p) for p in package):
-        raise DataError(
-            f"--report_to {args.report_to}: the package is not installed (pip install {package[0]})"
-        )
-    check_model_path(args.model_name_or_path)
     if args.eval_only:
         out = Path(args.output_dir)
         if (out / "args.json").exists() or (
@@ -380,16 +353,8 @@ def write_eval_results(metrics: dict, n_pairs: int, split: str, output_dir):
 def main(args: Args):
     # ---- 1. arguments and data, checked before any model is loaded ----
     check_reward_args(args)
-    accelerator = Accelerator(
-        mixed_precision="bf16" if args.bf16 else "no",
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_dir=args.output_dir,
-    )
     ga = args.gradient_accumulation_steps  # one step = per_device batch x processes x ga (in pairs)
+    accelerator = make_accelerator(args, ga)
     describe_run(accelerator, args.per_device_train_batch_size, ga, "pairs")
     set_seed(args.seed)
     raw = {}
@@ -469,21 +434,11 @@ def main(args: Args):
     optimizer = adamw(
         accelerator, model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
     )
-    # DeepSpeed clips inside its own step, at its config's norm ('auto' would be accelerate's 1.0)
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
-        plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader
+    model, optimizer, train_loader, eval_loader = prepare_for_training(
+        accelerator, args.max_grad_norm, model, optimizer, train_loader, eval_loader
     )
-    checkpoints_open_as_models(
-        accelerator, tokenizer, lambda m: {"": ("", m)}
-    )  # also from_pretrained
-    if accelerator.gradient_accumulation_steps != ga:
-        raise DataError(
-            f"the DeepSpeed config sets gradient_accumulation_steps={accelerator.gradient_accumulation_steps}, "
-            f"the script {ga}: set them equal (or 'auto' in the config)"
-        )
+    # a checkpoint also opens with from_pretrained
+    checkpoints_open_as_models(accelerator, tokenizer, lambda m: {"": ("", m)})
     # an incomplete trailing accumulation group is skipped: every step sees ga micro-batches
     steps_per_epoch = len(train_loader) // ga
     total_steps = (
@@ -546,12 +501,10 @@ def main(args: Args):
                     if i == ga - 1:
                         step_sums = accelerator.reduce(local, "sum")  # one sync per optimizer step
                         check_finite(step_sums[0], "train/loss", step + 1)
-                    accelerator.backward(loss.sum() * accelerator.num_processes * ga / n_pairs)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad()
+                    loss = loss.sum() * accelerator.num_processes * ga / n_pairs
+                    optimizer_step(
+                        accelerator, loss, [model], optimizer, scheduler, args.max_grad_norm
+                    )
             window += step_sums
             step += 1
             bar.update(1)
@@ -580,15 +533,8 @@ def main(args: Args):
                     accelerator, model, eval_loader, args.center_rewards_coefficient
                 )
                 log.log(last_eval, step)
-            # a SIGTERM or SIGINT since the last step: checkpoint this step, then stop
-            stop = STOP.requested(accelerator) and step < total_steps
-            if args.save_steps > 0 and (step % args.save_steps == 0 or stop) and step < total_steps:
-                state = {"scheduler": scheduler.state_dict()}
-                save_checkpoint(
-                    accelerator, args.output_dir, step, state, None, args.save_total_limit
-                )
-            if stop:
-                raise KeyboardInterrupt
+            state = {"scheduler": scheduler.state_dict()}
+            checkpoint_or_stop(accelerator, args, step, total_steps, state)
             if step >= total_steps:
                 break
     bar.close()
@@ -941,6 +887,90 @@ def adamw(accelerator, params, **kwargs) -> torch.optim.AdamW:
         "cpu", "cuda", "mps", "xpu", "hpu"
     )  # fmt: skip
     return torch.optim.AdamW(params, fused=True if fused else None, **kwargs)
+
+
+def check_common_args(args, positive: tuple):
+    """The argument mistakes every stage can make, one line each, before anything loads."""
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise DataError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.learning_rate > 0:
+        raise DataError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if args.max_prompt_length is not None and args.max_prompt_length < 1:
+        raise DataError(
+            f"--max_prompt_length must be >= 1 (or unset), got {args.max_prompt_length}"
+        )
+    if args.save_steps < 0 or not 0 <= args.warmup_ratio <= 1:
+        raise DataError("--save_steps must be >= 0 and --warmup_ratio within [0, 1]")
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        raise DataError(f"--save_total_limit must be >= 1 (or unset), got {args.save_total_limit}")
+    package = {"tensorboard": ["tensorboard", "tensorboardX"], "wandb": ["wandb"]}.get(
+        args.report_to, []
+    )
+    if package and not any(importlib.util.find_spec(p) for p in package):
+        raise DataError(
+            f"--report_to {args.report_to}: the package is not installed (pip install {package[0]})"
+        )
+    check_model_path(args.model_name_or_path)
+
+
+def make_accelerator(args, gradient_accumulation_steps: int) -> Accelerator:
+    """bf16 autocast under --bf16; accumulation counted by the script (sync_with_dataloader=False:
+    every optimizer step sees exactly ga micro-batches); the seedable sampler, so every process and
+    every resume draws the same data order; the tracker of --report_to."""
+    return Accelerator(
+        mixed_precision="bf16" if args.bf16 else "no",
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=args.output_dir,
+    )
+
+
+def prepare_for_training(accelerator, max_grad_norm: float, *objects):
+    """accelerator.prepare, with the two DeepSpeed settings that must agree with the script: it clips
+    inside its own step at its config's norm ('auto' would be accelerate's 1.0), and its config's
+    gradient_accumulation_steps must be the script's."""
+    ga = accelerator.gradient_accumulation_steps
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.deepspeed_config.get("gradient_clipping") == "auto":
+        plugin.deepspeed_config["gradient_clipping"] = max_grad_norm
+    prepared = accelerator.prepare(*objects)
+    if accelerator.gradient_accumulation_steps != ga:
+        raise DataError(
+            f"the DeepSpeed config sets gradient_accumulation_steps="
+            f"{accelerator.gradient_accumulation_steps}, the script derives {ga} from its batch "
+            "arguments: set them equal (or 'auto' in the config)"
+        )
+    return prepared
+
+
+def optimizer_step(accelerator, loss, parts: list, optimizer, scheduler, max_grad_norm: float):
+    """Backward; at the end of an accumulation group, clip (each part of the model its own norm),
+    step, advance the schedule, zero the gradients. Under DeepSpeed the step runs inside backward."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        for part in parts:
+            accelerator.clip_grad_norm_(part.parameters(), max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+
+
+def checkpoint_or_stop(accelerator, args, step: int, total: int, state, write_extra=None):
+    """Every --save_steps steps a checkpoint (not at the last: the model itself is saved then); after
+    a SIGTERM or SIGINT (StopSignal) a checkpoint of this step, then KeyboardInterrupt, which ends
+    the run with the line that says how to resume. `state` None: no checkpoints (DPO-Iter's rounds)."""
+    stop = STOP.requested(accelerator) and step < total
+    due = state is not None and args.save_steps > 0 and (step % args.save_steps == 0 or stop)
+    if due and step < total:
+        save_checkpoint(
+            accelerator, args.output_dir, step, state, write_extra, args.save_total_limit
+        )
+    if stop:
+        raise KeyboardInterrupt
 
 
 def lr_schedule(optimizer, name: str, warmup_ratio: float, total_steps: int):

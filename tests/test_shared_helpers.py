@@ -25,7 +25,8 @@ SHARED = [
     "describe_run", "lr_schedule", "keep_rows_up_to", "same_vocab", "load_reward_tokenizer",
     "labeller_texts", "reward_model_inputs", "RUN_LOCK", "lock_output_dir", "start_tracker",
     "StopSignal", "STOP", "write_error", "write_model_dir", "end_training", "adamw",
-    "checkpoints_open_as_models", "prune_checkpoints",
+    "checkpoints_open_as_models", "prune_checkpoints", "check_common_args", "make_accelerator",
+    "prepare_for_training", "optimizer_step", "checkpoint_or_stop",
 ]  # fmt: skip
 
 
