@@ -362,18 +362,6 @@ def ema_update(ref_model, policy_model, ref_ema: float, accelerator=None):
             p_ref.lerp_(policy_params[name].detach().to(p_ref.dtype), ref_ema)
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
-    """Keep each response up to and including its first EOS; replace what follows with pad.
-    -> (responses, mask [B, T] long, has_eos [B] bool). A response without EOS keeps all its tokens."""
-    is_eos = responses == eos_id
-    has_eos = is_eos.any(-1)
-    T = responses.shape[1]
-    last = torch.full_like(has_eos, T - 1, dtype=torch.long)
-    end = torch.where(has_eos, is_eos.long().argmax(-1), last)
-    mask = torch.arange(T, device=responses.device)[None, :] <= end[:, None]
-    return responses.masked_fill(~mask, pad_id), mask.long(), has_eos
-
-
 def response_logprobs(logits: torch.Tensor, responses: torch.Tensor, temperature: float):
     """Log-probabilities of the response tokens at the sampling temperature; `logits` are those of
     the positions that predict the response tokens ([B, R, V])."""
@@ -469,16 +457,6 @@ def full_fp32_under_zero3(enable: bool):
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
-def zero3_gathered(accelerator, params, modifier_rank=None):
-    """Under ZeRO-3, the full tensors of `params` inside the block (one gather, not one per use)."""
-    plugin = accelerator.state.deepspeed_plugin if accelerator is not None else None
-    if plugin is None or plugin.zero_stage != 3:
-        return contextlib.nullcontext()
-    import deepspeed  # only needed (and only importable) under DeepSpeed
-
-    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
 
 
 class SampledLogprobs(LogitsProcessor):
@@ -2004,6 +1982,28 @@ def load_checkpoint(accelerator, path: Path, restore=None) -> dict:
         ) from None
     accelerator.print(f"resumed from {path} at step {state['step']}")
     return state
+
+
+def zero3_gathered(accelerator, params, modifier_rank=None):
+    """Under ZeRO-3, the full tensors of `params` inside the block (one gather, not one per use)."""
+    plugin = accelerator.state.deepspeed_plugin if accelerator is not None else None
+    if plugin is None or plugin.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed  # only needed (and only importable) under DeepSpeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
+    """Keep each response up to and including its first EOS; replace what follows with pad.
+    -> (responses, mask [B, T] long, has_eos [B] bool). A response without EOS keeps all its tokens."""
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(-1)
+    T = responses.shape[1]
+    last = torch.full_like(has_eos, T - 1, dtype=torch.long)
+    end = torch.where(has_eos, is_eos.long().argmax(-1), last)
+    mask = torch.arange(T, device=responses.device)[None, :] <= end[:, None]
+    return responses.masked_fill(~mask, pad_id), mask.long(), has_eos
 
 
 def prepare_frozen(accelerator, model):

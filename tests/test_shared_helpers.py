@@ -26,7 +26,8 @@ SHARED = [
     "labeller_texts", "reward_model_inputs", "RUN_LOCK", "lock_output_dir", "start_tracker",
     "StopSignal", "STOP", "write_error", "write_model_dir", "end_training", "adamw",
     "checkpoints_open_as_models", "prune_checkpoints", "check_common_args", "make_accelerator",
-    "prepare_for_training", "optimizer_step", "checkpoint_or_stop",
+    "prepare_for_training", "optimizer_step", "checkpoint_or_stop", "zero3_gathered",
+    "truncate_after_eos",
 ]  # fmt: skip
 
 
