@@ -398,7 +398,7 @@ def derive_batch_sizes(args, num_processes: int) -> dict:
     }
 
 
-# ---- the rollout: prompts, models, sampling, scoring ----
+# ---- the rollout's pieces: prompts, policy and critic, sampling, log-probabilities ----
 
 
 def collate_prompts(prompts: list, pad_id: int) -> dict:
@@ -441,48 +441,6 @@ def response_logits(lm, input_ids, attention_mask, response_length: int):
         use_cache=False,
         logits_to_keep=response_length + 1,
     ).logits[:, :-1]
-
-
-@contextlib.contextmanager
-def full_fp32_under_zero3(enable: bool):
-    """Load outside DeepSpeed's zero.Init: under ZeRO-3 with bf16, zero.Init builds every model in bf16,
-    whatever dtype is asked for, and the EMA'd reference must stay fp32 (prepare_frozen partitions it
-    afterwards, in fp32)."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    if enable:
-        hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
-class SampledLogprobs(LogitsProcessor):
-    """The policy's log-probabilities of the tokens it samples, taken from the generation pass (no
-    second forward). transformers 5 runs a custom processor after its own logits processors and
-    before the temperature, top-k and top-p warpers: it sees the model's logits, applies the
-    temperature itself, and top-k/top-p never enter the log-probabilities (they only pick the
-    sample), as in the recompute. It returns the scores unchanged, so sampling is too. Memory: one
-    step's [B, V] logits, kept until the next call reveals the token sampled from them."""
-
-    def __init__(self, temperature: float):
-        self.temperature, self.pending, self.logps = temperature, None, []
-
-    def __call__(self, input_ids, scores):
-        if self.pending is not None:  # input_ids[:, -1] was sampled from the previous step
-            self.logps.append(token_logprobs(self.pending, input_ids[:, -1]))
-        self.pending = scores / self.temperature
-        return scores
-
-    def result(self, responses: torch.Tensor) -> torch.Tensor:
-        """-> [B, T] for the T generated tokens (the last one's from the pending step)."""
-        T = responses.shape[1]
-        logps = self.logps[:T]  # (a deferred stop check may have run one step more)
-        if len(logps) < T:
-            logps.append(token_logprobs(self.pending, responses[:, T - 1]))
-        return torch.stack(logps, 1)
 
 
 @torch.no_grad()
@@ -535,74 +493,7 @@ def rollout_forward(accelerator, model, ref_model, prompts, prompt_mask, respons
     return logps, torch.cat(ref_logps), torch.cat(values)
 
 
-class Scorer:
-    """Score (prompt, response) pairs with the reward model or the reward function. A reward model
-    runs in chunks of --local_rollout_forward_batch_size; a reward function gets the whole batch."""
-
-    def __init__(
-        self, args, tokenizer, device, reward_model=None, reward_tokenizer=None, reward_fn=None
-    ):
-        self.tokenizer, self.device = tokenizer, device
-        self.reward_model, self.reward_tokenizer = reward_model, reward_tokenizer
-        self.reward_fn, self.chunk = reward_fn, args.local_rollout_forward_batch_size
-        config = getattr(getattr(reward_model, "module", reward_model), "config", None)
-        normalize = args.normalize_reward and config is not None
-        self.mean = float(getattr(config, "reward_mean", 0.0)) if normalize else 0.0
-        self.std = float(getattr(config, "reward_std", 1.0)) if normalize else 1.0
-
-    @staticmethod
-    def rows(prompts, prompt_mask, responses, response_mask, originals) -> list:
-        """-> (dataset prompt, prompt ids, response ids) per sample, padding dropped. `originals`: the
-        dataset's prompts (strings or messages), one per row."""
-        rows = zip(originals, prompts, prompt_mask, responses, response_mask)
-        return [(o, p[pm.bool()].tolist(), r[rm.bool()].tolist()) for o, p, pm, r, rm in rows]
-
-    def texts(self, prompts, prompt_mask, responses, response_mask, originals):
-        """-> (prompt texts, completion texts), as the labeller reads them (labeller_texts)."""
-        rows = self.rows(prompts, prompt_mask, responses, response_mask, originals)
-        texts = [labeller_texts(self.tokenizer, *row) for row in rows]
-        return [p for p, _ in texts], [c for _, c in texts]
-
-    @torch.no_grad()
-    def __call__(self, prompts, prompt_mask, responses, response_mask, has_eos, originals):
-        sequences = (prompts, prompt_mask, responses, response_mask, originals)
-        if self.reward_fn is not None:
-            prompt_texts, completions = self.texts(*sequences)
-            # A labelling error stops every process, not only the one whose samples failed.
-            error, scores = None, [0.0] * len(completions)
-            try:
-                scores = call_reward_fn(self.reward_fn, prompt_texts, completions, has_eos.tolist())
-            except DataError as e:
-                error = str(e)
-            if errors := [e for e in gather_object([error]) if e]:
-                raise DataError(errors[0])
-            return torch.tensor(scores, device=self.device)
-        sequences = (*sequences, has_eos)
-        parts = [slice(i, i + self.chunk) for i in range(0, len(prompts), self.chunk)]
-        return torch.cat([self.reward_model_scores(*(t[s] for t in sequences)) for s in parts])
-
-    def reward_model_scores(
-        self, prompts, prompt_mask, responses, response_mask, originals, has_eos
-    ):
-        if self.reward_tokenizer is not None:  # another vocabulary: through the labeller's text
-            samples = self.rows(prompts, prompt_mask, responses, response_mask, originals)
-            finished = has_eos.tolist()
-            seqs = [
-                reward_model_inputs(self.tokenizer, self.reward_tokenizer, *sample, f)
-                for sample, f in zip(samples, finished)
-            ]
-            input_ids = pad(seqs, self.reward_tokenizer.pad_token_id).to(self.device)
-            attention_mask = pad([[1] * len(s) for s in seqs], 0).to(self.device)
-        else:  # the policy's vocabulary: the sampled ids
-            input_ids = torch.cat([prompts, responses], 1)
-            attention_mask = torch.cat([prompt_mask, response_mask], 1)
-        scores = score_tokens(self.reward_model, input_ids, attention_mask)
-        rows = torch.arange(len(scores), device=self.device)
-        scores = scores[rows, last_token_index(attention_mask)].float()
-        return (scores - self.mean) / self.std
-
-
-# ---- evaluation, checkpoints, run setup ----
+# ---- evaluation: greedy responses to held-out prompts ----
 
 
 @torch.no_grad()
@@ -655,155 +546,6 @@ def evaluate(accelerator, model, ref_model, scorer, eval_prompts, tokenizer, arg
     return {"eval/score": score, "eval/raw_score": raw_score, "eval/kl": kl}
 
 
-def save_policy(accelerator, model, tokenizer, output_dir, extra: dict | None = None):
-    """The policy alone, loadable with plain AutoModelForCausalLM.from_pretrained (ZeRO-3 safe), and
-    `extra` ({file name: JSON}) beside it; all moved into place together (write_model_dir)."""
-    state_dict = accelerator.get_state_dict(model)
-
-    def write(folder: Path):
-        policy_state = {
-            k[len("policy.") :]: v for k, v in state_dict.items() if k.startswith("policy.")
-        }
-        policy = accelerator.unwrap_model(model).policy
-        policy.save_pretrained(folder, state_dict=policy_state, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-        for name, value in (extra or {}).items():
-            (folder / name).write_text(json.dumps(value))
-
-    on_main(accelerator, write_model_dir, output_dir, write)
-    accelerator.wait_for_everyone()  # a barrier last: gloo can hang at exit on a broadcast's cleanup
-
-
-def save_reference(accelerator, ref_model, folder: Path):
-    """The EMA'd reference is training state: folder/reference.safetensors in a checkpoint being
-    written (full tensors under ZeRO-3; every process takes part)."""
-    tensors = {}
-    for name, p in getattr(ref_model, "module", ref_model).named_parameters():
-        with zero3_gathered(accelerator, [p]):
-            if accelerator.is_main_process:
-                tensors[name] = p.detach().cpu().clone().contiguous()
-    if accelerator.is_main_process:
-        save_file(tensors, str(folder / "reference.safetensors"))
-
-
-@torch.no_grad()
-def load_reference(accelerator, ref_model, folder: Path):
-    path = folder / "reference.safetensors"
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:  # missing or damaged: safetensors' message does not name the file
-        raise ValueError(f"{path.name} (the EMA'd reference): {e}") from None
-    for name, p in getattr(ref_model, "module", ref_model).named_parameters():
-        with zero3_gathered(accelerator, [p], modifier_rank=0):
-            p.copy_(tensors[name].to(p.dtype))
-
-
-def load_ppo_checkpoint(accelerator, path: Path, scheduler, value_stats, ref_model) -> tuple:
-    """accelerate's state, then ours: step.json (step, scheduler, value statistics, best score) and
-    the EMA'd reference beside it; a damaged one stops with one line. -> (step, best score)"""
-
-    def restore(state: dict):  # a missing or garbled entry raises here
-        scheduler.load_state_dict(state["scheduler"])
-        value_stats.load_state_dict(state["value_stats"])
-        state["best_score"] = float(state["best_score"])
-        load_reference(accelerator, ref_model, path)
-
-    state = load_checkpoint(accelerator, path, restore)
-    return state["step"], state["best_score"]
-
-
-def peak_memory_gb(device) -> float:
-    if torch.cuda.is_available() and device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    # CPU: peak RSS (KiB on Linux)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def load_prompts(args, tokenizer, split: str) -> list:
-    """{prompt, prompt_ids} rows of a split; the labeller reads the dataset's own prompt."""
-    prompts = to_prompts(load_split(args.dataset_name, args.dataset_config, split))
-    max_length = args.max_prompt_length + args.max_new_tokens
-    return tokenize_prompts(prompts, tokenizer, max_length, args.max_prompt_length, split)
-
-
-def count_iterations(args, n_prompts: int, sizes: dict) -> tuple:
-    """-> (iterations per epoch, iterations of the run: --num_iterations, else from --total_episodes,
-    else from --num_train_epochs)"""
-    iters_per_epoch = n_prompts // sizes["prompts_per_iteration"]
-    if iters_per_epoch == 0:
-        raise DataError(
-            f"{n_prompts} prompts make no full iteration of {args.per_device_prompt_batch_size} "
-            f"prompts x {sizes['prompts_per_iteration'] // args.per_device_prompt_batch_size} processes"
-        )
-    if args.num_iterations > 0:
-        return iters_per_epoch, args.num_iterations
-    if args.total_episodes > 0:
-        return iters_per_epoch, math.ceil(args.total_episodes / sizes["rollout_batch_size"])
-    return iters_per_epoch, math.ceil(args.num_train_epochs * iters_per_epoch)
-
-
-def check_args(args: Args):
-    """Argument mistakes, reported in one line before anything loads."""
-    if (args.reward_model_name_or_path is None) == (args.reward_fn is None):
-        raise DataError("give exactly one of --reward_model_name_or_path and --reward_fn")
-    if args.temperature <= 0:
-        raise DataError("temperature must be > 0 (PPO needs sampled rollouts)")
-    positive = ("logging_steps", "eval_steps", "max_prompt_length", "max_new_tokens",
-                "per_device_eval_batch_size")  # fmt: skip
-    check_common_args(args, positive)
-    if not args.critic_learning_rate > 0:
-        raise DataError(f"--critic_learning_rate must be > 0, got {args.critic_learning_rate}")
-    if not 0 <= args.ref_ema <= 1:
-        raise DataError(f"--ref_ema must be within [0, 1], got {args.ref_ema}")
-    if args.num_samples < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        raise DataError("--num_samples, --top_k must be >= 0 and --top_p within (0, 1]")
-    if args.value_model_name_or_path:
-        check_model_path(args.value_model_name_or_path, "value model")
-    if args.reward_model_name_or_path:
-        check_reward_model(args.reward_model_name_or_path, args.trust_remote_code)
-    if args.normalize_reward:  # never a silent mean 0 / std 1
-        path = args.reward_model_name_or_path
-        config = path and AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-        if not (hasattr(config, "reward_mean") and hasattr(config, "reward_std")):
-            raise DataError(
-                f"--normalize_reward needs the reward_mean and reward_std that reward_model.py "
-                f"stores in a reward model's config; {path or '--reward_fn'} has none"
-            )
-
-
-def load_models(args, tokenizer, reward_tokenizer):
-    """-> (policy, reference, reward model or None, critic). Policy and critic are trained in fp32
-    (mixed precision from --bf16 autocast or DeepSpeed); the frozen reward model loads in bf16 under
-    --bf16; the reference in fp32 when EMA'd (an EMA step of 0.01 * (policy - ref) is mostly below
-    bfloat16's resolution); dropout is off in all four."""
-    frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
-    ref_dtype = torch.float32 if args.ref_ema > 0 else frozen_dtype
-    seq_cls = AutoModelForSequenceClassification
-    policy = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, torch.float32, args)
-    disable_dropout(policy)
-    with full_fp32_under_zero3(args.ref_ema > 0):  # ZeRO-3 bf16 would build it in bf16
-        ref_model = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, ref_dtype, args)
-    reward_model = None
-    if rm_path := args.reward_model_name_or_path:
-        reward_model = load_pretrained(seq_cls, rm_path, frozen_dtype, args, num_labels=1)
-        # score_tokens runs HF's own forward, which needs a pad id to batch (its pooling is not used)
-        reward_model.config.pad_token_id = (reward_tokenizer or tokenizer).pad_token_id
-    # Tulu 2.5 App. F: the critic starts from the reward model; with a reward function, or a reward
-    # model that reads another vocabulary, from the policy with a fresh scalar head.
-    critic_path = args.value_model_name_or_path or args.reward_model_name_or_path
-    if args.value_model_name_or_path is None and reward_tokenizer is not None:
-        print(
-            "the reward model's vocabulary differs from the policy's: the critic starts from the "
-            "policy with a fresh value head (set --value_model_name_or_path to choose)"
-        )
-        critic_path = None
-    critic_path = critic_path or args.model_name_or_path
-    critic = load_pretrained(seq_cls, critic_path, torch.float32, args, num_labels=1)
-    disable_dropout(critic)
-    critic.config.pad_token_id = tokenizer.pad_token_id
-    return policy, ref_model, reward_model, critic
-
-
 # ---- one iteration in three phases: rollout, PPO update, reference EMA ----
 
 
@@ -835,6 +577,8 @@ def rollout(
     logp, ref_logp, values = rollout_forward(
         accelerator, unwrapped, ref_model, *sequences, chunk, args.temperature, logps=gen_logp
     )
+    # one scalar per response: the reward model at the last real token (--normalize_reward: with
+    # the statistics reward_model.py stored), or the reward function (Scorer, below the fence)
     with accelerator.autocast():
         raw_scores = scorer(*sequences, has_eos, originals)
     # Tulu 2.5 App. F: the EOS trick
@@ -974,17 +718,7 @@ def main(args: Args):
     reward_tokenizer = load_reward_tokenizer(args, tokenizer)
     train_prompts = load_prompts(args, tokenizer, args.train_split)
     eval_prompts = load_prompts(args, tokenizer, args.eval_split) if args.eval_split else []
-    loader = torch.utils.data.DataLoader(
-        train_prompts,
-        batch_size=args.per_device_prompt_batch_size,
-        shuffle=True,
-        drop_last=True,
-        collate_fn=lambda b: collate_prompts(b, tokenizer.pad_token_id),
-        # Its own generator: torch draws a seed from it for each new iterator (a resume mid-epoch
-        # makes one more), not from the global RNG of sampling and dropout. The order comes from
-        # accelerate's seedable sampler, which reseeds it with seed + epoch.
-        generator=torch.Generator().manual_seed(args.seed),
-    )
+    loader = prompt_loader(train_prompts, args.per_device_prompt_batch_size, tokenizer, args.seed)
     iters_per_epoch, num_iterations = count_iterations(args, len(train_prompts), sizes)
     resume_from = find_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint)
     # refuse to mix runs; a resume must also share the process count and the training prompts
@@ -1094,6 +828,282 @@ def main(args: Args):
     # ---- save ----
     save_policy(accelerator, model, tokenizer, args.output_dir)
     end_training(accelerator)
+
+
+# ---- this stage's plumbing (not shared) ----
+
+
+def load_prompts(args, tokenizer, split: str) -> list:
+    """{prompt, prompt_ids} rows of a split; the labeller reads the dataset's own prompt."""
+    prompts = to_prompts(load_split(args.dataset_name, args.dataset_config, split))
+    max_length = args.max_prompt_length + args.max_new_tokens
+    return tokenize_prompts(prompts, tokenizer, max_length, args.max_prompt_length, split)
+
+
+def count_iterations(args, n_prompts: int, sizes: dict) -> tuple:
+    """-> (iterations per epoch, iterations of the run: --num_iterations, else from --total_episodes,
+    else from --num_train_epochs)"""
+    iters_per_epoch = n_prompts // sizes["prompts_per_iteration"]
+    if iters_per_epoch == 0:
+        raise DataError(
+            f"{n_prompts} prompts make no full iteration of {args.per_device_prompt_batch_size} "
+            f"prompts x {sizes['prompts_per_iteration'] // args.per_device_prompt_batch_size} processes"
+        )
+    if args.num_iterations > 0:
+        return iters_per_epoch, args.num_iterations
+    if args.total_episodes > 0:
+        return iters_per_epoch, math.ceil(args.total_episodes / sizes["rollout_batch_size"])
+    return iters_per_epoch, math.ceil(args.num_train_epochs * iters_per_epoch)
+
+
+def check_args(args: Args):
+    """Argument mistakes, reported in one line before anything loads."""
+    if (args.reward_model_name_or_path is None) == (args.reward_fn is None):
+        raise DataError("give exactly one of --reward_model_name_or_path and --reward_fn")
+    if args.temperature <= 0:
+        raise DataError("temperature must be > 0 (PPO needs sampled rollouts)")
+    positive = ("logging_steps", "eval_steps", "max_prompt_length", "max_new_tokens",
+                "per_device_eval_batch_size")  # fmt: skip
+    check_common_args(args, positive)
+    if not args.critic_learning_rate > 0:
+        raise DataError(f"--critic_learning_rate must be > 0, got {args.critic_learning_rate}")
+    if not 0 <= args.ref_ema <= 1:
+        raise DataError(f"--ref_ema must be within [0, 1], got {args.ref_ema}")
+    if args.num_samples < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise DataError("--num_samples, --top_k must be >= 0 and --top_p within (0, 1]")
+    if args.value_model_name_or_path:
+        check_model_path(args.value_model_name_or_path, "value model")
+    if args.reward_model_name_or_path:
+        check_reward_model(args.reward_model_name_or_path, args.trust_remote_code)
+    if args.normalize_reward:  # never a silent mean 0 / std 1
+        path = args.reward_model_name_or_path
+        config = path and AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        if not (hasattr(config, "reward_mean") and hasattr(config, "reward_std")):
+            raise DataError(
+                f"--normalize_reward needs the reward_mean and reward_std that reward_model.py "
+                f"stores in a reward model's config; {path or '--reward_fn'} has none"
+            )
+
+
+def load_models(args, tokenizer, reward_tokenizer):
+    """-> (policy, reference, reward model or None, critic). Policy and critic are trained in fp32
+    (mixed precision from --bf16 autocast or DeepSpeed); the frozen reward model loads in bf16 under
+    --bf16; the reference in fp32 when EMA'd (an EMA step of 0.01 * (policy - ref) is mostly below
+    bfloat16's resolution); dropout is off in all four."""
+    frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    ref_dtype = torch.float32 if args.ref_ema > 0 else frozen_dtype
+    seq_cls = AutoModelForSequenceClassification
+    policy = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, torch.float32, args)
+    disable_dropout(policy)
+    with full_fp32_under_zero3(args.ref_ema > 0):  # ZeRO-3 bf16 would build it in bf16
+        ref_model = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, ref_dtype, args)
+    reward_model = None
+    if rm_path := args.reward_model_name_or_path:
+        reward_model = load_pretrained(seq_cls, rm_path, frozen_dtype, args, num_labels=1)
+        # score_tokens runs HF's own forward, which needs a pad id to batch (its pooling is not used)
+        reward_model.config.pad_token_id = (reward_tokenizer or tokenizer).pad_token_id
+    # Tulu 2.5 App. F: the critic starts from the reward model; with a reward function, or a reward
+    # model that reads another vocabulary, from the policy with a fresh scalar head.
+    critic_path = args.value_model_name_or_path or args.reward_model_name_or_path
+    if args.value_model_name_or_path is None and reward_tokenizer is not None:
+        print(
+            "the reward model's vocabulary differs from the policy's: the critic starts from the "
+            "policy with a fresh value head (set --value_model_name_or_path to choose)"
+        )
+        critic_path = None
+    critic_path = critic_path or args.model_name_or_path
+    critic = load_pretrained(seq_cls, critic_path, torch.float32, args, num_labels=1)
+    disable_dropout(critic)
+    critic.config.pad_token_id = tokenizer.pad_token_id
+    return policy, ref_model, reward_model, critic
+
+
+@contextlib.contextmanager
+def full_fp32_under_zero3(enable: bool):
+    """Load outside DeepSpeed's zero.Init: under ZeRO-3 with bf16, zero.Init builds every model in bf16,
+    whatever dtype is asked for, and the EMA'd reference must stay fp32 (prepare_frozen partitions it
+    afterwards, in fp32)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    if enable:
+        hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def save_policy(accelerator, model, tokenizer, output_dir, extra: dict | None = None):
+    """The policy alone, loadable with plain AutoModelForCausalLM.from_pretrained (ZeRO-3 safe), and
+    `extra` ({file name: JSON}) beside it; all moved into place together (write_model_dir)."""
+    state_dict = accelerator.get_state_dict(model)
+
+    def write(folder: Path):
+        policy_state = {
+            k[len("policy.") :]: v for k, v in state_dict.items() if k.startswith("policy.")
+        }
+        policy = accelerator.unwrap_model(model).policy
+        policy.save_pretrained(folder, state_dict=policy_state, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        for name, value in (extra or {}).items():
+            (folder / name).write_text(json.dumps(value))
+
+    on_main(accelerator, write_model_dir, output_dir, write)
+    accelerator.wait_for_everyone()  # a barrier last: gloo can hang at exit on a broadcast's cleanup
+
+
+def save_reference(accelerator, ref_model, folder: Path):
+    """The EMA'd reference is training state: folder/reference.safetensors in a checkpoint being
+    written (full tensors under ZeRO-3; every process takes part)."""
+    tensors = {}
+    for name, p in getattr(ref_model, "module", ref_model).named_parameters():
+        with zero3_gathered(accelerator, [p]):
+            if accelerator.is_main_process:
+                tensors[name] = p.detach().cpu().clone().contiguous()
+    if accelerator.is_main_process:
+        save_file(tensors, str(folder / "reference.safetensors"))
+
+
+@torch.no_grad()
+def load_reference(accelerator, ref_model, folder: Path):
+    path = folder / "reference.safetensors"
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # missing or damaged: safetensors' message does not name the file
+        raise ValueError(f"{path.name} (the EMA'd reference): {e}") from None
+    for name, p in getattr(ref_model, "module", ref_model).named_parameters():
+        with zero3_gathered(accelerator, [p], modifier_rank=0):
+            p.copy_(tensors[name].to(p.dtype))
+
+
+def load_ppo_checkpoint(accelerator, path: Path, scheduler, value_stats, ref_model) -> tuple:
+    """accelerate's state, then ours: step.json (step, scheduler, value statistics, best score) and
+    the EMA'd reference beside it; a damaged one stops with one line. -> (step, best score)"""
+
+    def restore(state: dict):  # a missing or garbled entry raises here
+        scheduler.load_state_dict(state["scheduler"])
+        value_stats.load_state_dict(state["value_stats"])
+        state["best_score"] = float(state["best_score"])
+        load_reference(accelerator, ref_model, path)
+
+    state = load_checkpoint(accelerator, path, restore)
+    return state["step"], state["best_score"]
+
+
+def peak_memory_gb(device) -> float:
+    if torch.cuda.is_available() and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # CPU: peak RSS (KiB on Linux)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def prompt_loader(prompts: list, batch_size: int, tokenizer, seed: int):
+    """Shuffled batches of whole prompts (the last partial batch dropped)."""
+    return torch.utils.data.DataLoader(
+        prompts,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=lambda b: collate_prompts(b, tokenizer.pad_token_id),
+        # Its own generator: torch draws a seed from it for each new iterator (a resume mid-epoch
+        # makes one more), not from the global RNG of sampling and dropout. The order comes from
+        # accelerate's seedable sampler, which reseeds it with seed + epoch.
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+class SampledLogprobs(LogitsProcessor):
+    """The policy's log-probabilities of the tokens it samples, taken from the generation pass (no
+    second forward). transformers 5 runs a custom processor after its own logits processors and
+    before the temperature, top-k and top-p warpers: it sees the model's logits, applies the
+    temperature itself, and top-k/top-p never enter the log-probabilities (they only pick the
+    sample), as in the recompute. It returns the scores unchanged, so sampling is too. Memory: one
+    step's [B, V] logits, kept until the next call reveals the token sampled from them."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.pending, self.logps = temperature, None, []
+
+    def __call__(self, input_ids, scores):
+        if self.pending is not None:  # input_ids[:, -1] was sampled from the previous step
+            self.logps.append(token_logprobs(self.pending, input_ids[:, -1]))
+        self.pending = scores / self.temperature
+        return scores
+
+    def result(self, responses: torch.Tensor) -> torch.Tensor:
+        """-> [B, T] for the T generated tokens (the last one's from the pending step)."""
+        T = responses.shape[1]
+        logps = self.logps[:T]  # (a deferred stop check may have run one step more)
+        if len(logps) < T:
+            logps.append(token_logprobs(self.pending, responses[:, T - 1]))
+        return torch.stack(logps, 1)
+
+
+class Scorer:
+    """Score (prompt, response) pairs with the reward model or the reward function. A reward model
+    runs in chunks of --local_rollout_forward_batch_size; a reward function gets the whole batch."""
+
+    def __init__(
+        self, args, tokenizer, device, reward_model=None, reward_tokenizer=None, reward_fn=None
+    ):
+        self.tokenizer, self.device = tokenizer, device
+        self.reward_model, self.reward_tokenizer = reward_model, reward_tokenizer
+        self.reward_fn, self.chunk = reward_fn, args.local_rollout_forward_batch_size
+        config = getattr(getattr(reward_model, "module", reward_model), "config", None)
+        normalize = args.normalize_reward and config is not None
+        self.mean = float(getattr(config, "reward_mean", 0.0)) if normalize else 0.0
+        self.std = float(getattr(config, "reward_std", 1.0)) if normalize else 1.0
+
+    @staticmethod
+    def rows(prompts, prompt_mask, responses, response_mask, originals) -> list:
+        """-> (dataset prompt, prompt ids, response ids) per sample, padding dropped. `originals`: the
+        dataset's prompts (strings or messages), one per row."""
+        rows = zip(originals, prompts, prompt_mask, responses, response_mask)
+        return [(o, p[pm.bool()].tolist(), r[rm.bool()].tolist()) for o, p, pm, r, rm in rows]
+
+    def texts(self, prompts, prompt_mask, responses, response_mask, originals):
+        """-> (prompt texts, completion texts), as the labeller reads them (labeller_texts)."""
+        rows = self.rows(prompts, prompt_mask, responses, response_mask, originals)
+        texts = [labeller_texts(self.tokenizer, *row) for row in rows]
+        return [p for p, _ in texts], [c for _, c in texts]
+
+    @torch.no_grad()
+    def __call__(self, prompts, prompt_mask, responses, response_mask, has_eos, originals):
+        sequences = (prompts, prompt_mask, responses, response_mask, originals)
+        if self.reward_fn is not None:
+            prompt_texts, completions = self.texts(*sequences)
+            # A labelling error stops every process, not only the one whose samples failed.
+            error, scores = None, [0.0] * len(completions)
+            try:
+                scores = call_reward_fn(self.reward_fn, prompt_texts, completions, has_eos.tolist())
+            except DataError as e:
+                error = str(e)
+            if errors := [e for e in gather_object([error]) if e]:
+                raise DataError(errors[0])
+            return torch.tensor(scores, device=self.device)
+        sequences = (*sequences, has_eos)
+        parts = [slice(i, i + self.chunk) for i in range(0, len(prompts), self.chunk)]
+        return torch.cat([self.reward_model_scores(*(t[s] for t in sequences)) for s in parts])
+
+    def reward_model_scores(
+        self, prompts, prompt_mask, responses, response_mask, originals, has_eos
+    ):
+        if self.reward_tokenizer is not None:  # another vocabulary: through the labeller's text
+            samples = self.rows(prompts, prompt_mask, responses, response_mask, originals)
+            finished = has_eos.tolist()
+            seqs = [
+                reward_model_inputs(self.tokenizer, self.reward_tokenizer, *sample, f)
+                for sample, f in zip(samples, finished)
+            ]
+            input_ids = pad(seqs, self.reward_tokenizer.pad_token_id).to(self.device)
+            attention_mask = pad([[1] * len(s) for s in seqs], 0).to(self.device)
+        else:  # the policy's vocabulary: the sampled ids
+            input_ids = torch.cat([prompts, responses], 1)
+            attention_mask = torch.cat([prompt_mask, response_mask], 1)
+        scores = score_tokens(self.reward_model, input_ids, attention_mask)
+        rows = torch.arange(len(scores), device=self.device)
+        scores = scores[rows, last_token_index(attention_mask)].float()
+        return (scores - self.mean) / self.std
 
 
 # ---- shared helpers: identical in every script that has them (tests/test_shared_helpers.py) ----
@@ -1320,15 +1330,10 @@ def truncate(
     return prompt_ids, completion_ids, truncated
 
 
-def pad(seqs: list, value, side: str = "right") -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    rows = [
-        [value] * (width - len(s)) + list(s)
-        if side == "left"
-        else list(s) + [value] * (width - len(s))
-        for s in seqs
-    ]
-    return torch.tensor(rows)
+def pad(seqs: list, value: int, side: str = "right") -> torch.Tensor:
+    """Lists of ints -> one [B, T] long tensor, filled with `value` on `side`."""
+    rows = [torch.tensor(list(s), dtype=torch.long) for s in seqs]
+    return torch.nn.utils.rnn.pad_sequence(rows, True, value, padding_side=side)
 
 
 def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
