@@ -1137,15 +1137,10 @@ def truncate(
     return prompt_ids, completion_ids, truncated
 
 
-def pad(seqs: list, value, side: str = "right") -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    rows = [
-        [value] * (width - len(s)) + list(s)
-        if side == "left"
-        else list(s) + [value] * (width - len(s))
-        for s in seqs
-    ]
-    return torch.tensor(rows)
+def pad(seqs: list, value: int, side: str = "right") -> torch.Tensor:
+    """Lists of ints -> one [B, T] long tensor, filled with `value` on `side`."""
+    rows = [torch.tensor(list(s), dtype=torch.long) for s in seqs]
+    return torch.nn.utils.rnn.pad_sequence(rows, True, value, padding_side=side)
 
 
 def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
