@@ -3,12 +3,11 @@
 1. Table 1: a stateless bandit, pi_ref = (0.5, 0.5, 0), one pair y1 > y2. DPO (Eq. 7) reaches its
    minimum with 0.9 on y3, which the data never saw; the KL-regularized RL optimum (Eq. 5/8) keeps
    y3 at zero for any reward (Theorem 4.1).
-2. Sec. 4.2: 8 prompts x 8 responses, the optimal response of prompt x is y = x (the diagonal).
-   MLPs on one-hot prompts: pi_ref fit to the responses the pairs cover; DPO on the pairs; a
-   Bradley-Terry reward model (Eq. 4), normalized under pi_ref, then PPO with a KL penalty to
-   pi_ref (Eq. 2); DPO-Iter.
-   Per seed, the claim: (a) DPO puts more mass than pi_ref on uncovered cells, (b) more than PPO,
-   (c) PPO puts more mass on the diagonal than DPO.
+2. Sec. 4.2: 8 prompts x 8 responses, y = x optimal (the diagonal). MLPs on one-hot prompts: pi_ref
+   fit to the responses the pairs cover; DPO on the pairs; a Bradley-Terry reward model (Eq. 4),
+   normalized under pi_ref, then PPO with a KL penalty to pi_ref (Eq. 2); DPO-Iter. The claim, per
+   seed: DPO puts more mass than (a) pi_ref and (b) PPO on uncovered cells; (c) PPO more on the
+   diagonal than DPO.
 
 Run: python synthetic_toy.py   (CPU, offline, ~10 s; writes results.json, args.json, a PNG)
      python synthetic_toy.py --seeds $(seq 300 319)   (the 20-seed claim table)
@@ -60,14 +59,12 @@ class Args:
     """--ref_policy covered: full-batch Adam steps of the maximum-likelihood fit of pi_ref"""
     ref_learning_rate: float = 1e-2
     """--ref_policy covered: Adam learning rate of that fit"""
-    # DPO (Eq. 7)
     dpo_steps: int = 300
-    """full-batch Adam steps of DPO on the preference pairs"""
+    """full-batch Adam steps of DPO (Eq. 7) on the preference pairs"""
     dpo_learning_rate: float = 1e-2
     """Adam learning rate of DPO and DPO-Iter"""
-    # reward model (Eq. 3-4)
     rm_steps: int = 300
-    """full-batch Adam steps of the Bradley-Terry reward model"""
+    """full-batch Adam steps of the Bradley-Terry reward model (Eq. 3-4)"""
     rm_learning_rate: float = 1e-2
     """Adam learning rate of the reward model"""
     rm_weight_decay: float = 0.0
