@@ -171,6 +171,16 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def reward_fn(tiny_dir):
+    """A --reward_fn for tests that need any reward: the number of '!' in the response."""
+    path = tiny_dir / "count_bang.py"
+    path.write_text(
+        "def count_bang(prompts, completions):\n    return [float(c.count('!')) for c in completions]\n"
+    )
+    return f"{path}:count_bang"
+
+
+@pytest.fixture(scope="session")
 def tokenizer_dir(tiny_dir):
     """A tokenizer with a distinct pad token and a chat template."""
     path = tiny_dir / "tokenizer"

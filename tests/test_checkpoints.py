@@ -17,17 +17,6 @@ import ppo
 import reward_model
 import sft
 
-REWARD = (
-    "def count_bang(prompts, completions):\n    return [float(c.count('!')) for c in completions]\n"
-)
-
-
-@pytest.fixture(scope="module")
-def reward_fn(tmp_path_factory):
-    path = tmp_path_factory.mktemp("checkpoints") / "rewards.py"
-    path.write_text(REWARD)
-    return f"{path}:count_bang"
-
 
 def stage_args(stage, tiny_model, data_files, reward_fn, out, steps) -> dict:
     """`steps` optimizer steps (PPO: iterations), a checkpoint after each but the last."""

@@ -15,17 +15,6 @@ from conftest import main_error
 import dpo
 import ppo
 
-REWARD = (
-    "def count_bang(prompts, completions):\n    return [float(c.count('!')) for c in completions]\n"
-)
-
-
-@pytest.fixture(scope="module")
-def reward_fn(tmp_path_factory):
-    path = tmp_path_factory.mktemp("faults") / "rewards.py"
-    path.write_text(REWARD)
-    return f"{path}:count_bang"
-
 
 def ppo_args(tiny_model, data_files, reward_fn, out, **extra) -> dict:
     """3 iterations of 2 prompts x 2 samples, a checkpoint after each but the last (step_1, step_2)."""
@@ -207,7 +196,7 @@ def test_damaged_checkpoint_is_refused_in_one_line_or_skipped_with_a_warning(
     assert (files_of(out / "checkpoints"), (out / "metrics.jsonl").read_text()) == before
 
 
-def test_damaged_dpo_resume_points_are_one_line(tiny_model, data_files, tmp_path):
+def test_damaged_dpo_resume_points_are_one_line(tiny_model, data_files, reward_fn, tmp_path):
     """DPO reads step.json before the models load; DPO-Iter reads iter_K/iteration.json and then
     iter_K's policy: garbage in either, or a truncated policy, is one line naming it."""
     out = tmp_path / "dpo"
@@ -220,11 +209,7 @@ def test_damaged_dpo_resume_points_are_one_line(tiny_model, data_files, tmp_path
     )
     assert "step_1: cannot resume from this checkpoint (step.json: JSONDecodeError" in message
 
-    rf = tmp_path / "rf.py"
-    rf.write_text(REWARD)
-    online = dict(
-        common, dataset_name=data_files["prompts"], reward_fn=f"{rf}:count_bang", iterations=2
-    )
+    online = dict(common, dataset_name=data_files["prompts"], reward_fn=reward_fn, iterations=2)
     out = tmp_path / "dpo_iter"
     shutil.copytree(tiny_model, out / "iter_1")
     (out / "iter_1" / "iteration.json").write_text("garbage")
