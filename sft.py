@@ -333,14 +333,8 @@ def write_samples(
         "attention_mask": pad([[1] * len(p) for p in prompts], 0, "left"),
     }
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-    plugin = accelerator.state.deepspeed_plugin
-    gathered = contextlib.nullcontext()
-    if plugin is not None and plugin.zero_stage == 3:
-        import deepspeed  # only needed (and only importable) under DeepSpeed
-
-        gathered = deepspeed.zero.GatheredParameters(list(unwrapped.parameters()))
     model.eval()
-    with gathered, accelerator.autocast():
+    with zero3_gathered(accelerator, unwrapped.parameters()), accelerator.autocast():
         out = unwrapped.generate(**batch, generation_config=config, synced_gpus=False)
     model.train()
     unwrapped.generation_config = original  # the saved model keeps its own
@@ -1325,6 +1319,16 @@ def load_checkpoint(accelerator, path: Path, restore=None) -> dict:
         ) from None
     accelerator.print(f"resumed from {path} at step {state['step']}")
     return state
+
+
+def zero3_gathered(accelerator, params, modifier_rank=None):
+    """Under ZeRO-3, the full tensors of `params` inside the block (one gather, not one per use)."""
+    plugin = accelerator.state.deepspeed_plugin if accelerator is not None else None
+    if plugin is None or plugin.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed  # only needed (and only importable) under DeepSpeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
 
 
 class StopSignal:
