@@ -189,31 +189,7 @@ def init_head(head: torch.nn.Linear):
             torch.nn.init.zeros_(head.bias)
 
 
-# ---- stage glue: arguments, pairs, model, evaluation ----
-
-
-def check_reward_args(args: Args):
-    """Argument mistakes, one line each, before anything loads."""
-    positive = ("per_device_train_batch_size", "per_device_eval_batch_size",
-                "gradient_accumulation_steps", "logging_steps", "eval_steps", "max_length")  # fmt: skip
-    check_common_args(args, positive)
-    if args.max_steps <= 0 and not args.num_train_epochs > 0:
-        raise DataError(
-            f"--num_train_epochs must be > 0 (or --max_steps set), got {args.num_train_epochs}"
-        )
-    if not args.center_rewards_coefficient >= 0:
-        raise DataError(
-            f"--center_rewards_coefficient must be >= 0, got {args.center_rewards_coefficient}"
-        )
-    if args.eval_only:
-        out = Path(args.output_dir)
-        if (out / "args.json").exists() or (
-            out.exists() and out.resolve() == Path(args.model_name_or_path).resolve()
-        ):
-            raise DataError(
-                f"--eval_only writes eval_results.json into --output_dir, and {out} holds a run or the "
-                "model being scored; pass another --output_dir"
-            )
+# ---- reward-model data: preference pairs, chosen and rejected in one batch ----
 
 
 def to_reward_pairs(ds: Dataset) -> Dataset:
@@ -284,27 +260,6 @@ def collate_reward_pairs(examples: list, pad_id: int) -> dict:
     }
 
 
-def load_reward_model(args, tokenizer):
-    """AutoModelForSequenceClassification with one output, float32 weights and dropout off. Returns
-    (model, fresh_head): fresh_head is True when the checkpoint had no `score` head (a causal LM, e.g.
-    the SFT model)."""
-    model, info = load_pretrained(
-        AutoModelForSequenceClassification,
-        args.model_name_or_path,
-        torch.float32,
-        args,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-        output_loading_info=True,
-    )
-    disable_dropout(model)
-    if not isinstance(getattr(model, "score", None), torch.nn.Linear):
-        raise DataError(
-            f"{type(model).__name__} has no linear `score` head (the reward-model contract reads it)"
-        )
-    return model, any(k.startswith("score.") for k in info["missing_keys"])
-
-
 @torch.no_grad()
 def evaluate_rewards(accelerator, model, loader, center_rewards_coefficient: float = 0.0) -> dict:
     """Accuracy and reward statistics over every pair of the loader (gather_for_metrics drops the
@@ -334,17 +289,89 @@ def evaluate_rewards(accelerator, model, loader, center_rewards_coefficient: flo
     }
 
 
-def write_eval_results(metrics: dict, n_pairs: int, split: str, output_dir):
-    """eval_results.json: the final eval metrics and the reward statistics later stages normalize by."""
-    results = {
-        **metrics,
-        "num_pairs": n_pairs,
-        "split": split,
-        "reward_mean": metrics["eval/reward_mean"],
-        "reward_std": metrics["eval/reward_std"],
+# ---- the loop's phases: one optimizer step, then its log ----
+
+
+def reward_model_step(accelerator, args, model, optimizer, scheduler, micro: list, step: int):
+    """One optimizer step over its ga micro-batches (forward, backward each; the step at the last).
+    -> the step's global [loss sum, correct pairs, margin sum, pairs, tokens]"""
+    ga = args.gradient_accumulation_steps
+    # Average over the pairs of the whole global batch, so 1 process and N processes (and any
+    # accumulation) give the same gradient; DDP averages over processes, hence the factor.
+    n_pairs = accelerator.gather(
+        torch.tensor([sum(len(b["margin"]) for b in micro)], device=accelerator.device)
+    ).sum()
+    local = torch.zeros(5, device=accelerator.device)  # this process's share of the window
+    for i, batch in enumerate(micro):
+        with accelerator.accumulate(model):
+            # chosen and rejected in one forward pass: the first n rows are chosen
+            with accelerator.autocast():
+                rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+            n = len(batch["margin"])
+            chosen, rejected = rewards[:n], rewards[n:]
+            loss = reward_loss(chosen, rejected, batch["margin"], args.center_rewards_coefficient)
+            local += torch.stack(
+                [
+                    loss.sum(),
+                    (chosen > rejected).float().sum(),
+                    (chosen - rejected).sum(),
+                    torch.tensor(float(n), device=loss.device),
+                    batch["attention_mask"].sum().float(),
+                ]
+            ).detach()
+            # before the backward that steps (DeepSpeed steps inside backward)
+            if i == ga - 1:
+                step_sums = accelerator.reduce(local, "sum")  # one sync per optimizer step
+                check_finite(step_sums[0], "train/loss", step)
+            loss = loss.sum() * accelerator.num_processes * ga / n_pairs
+            optimizer_step(accelerator, loss, [model], optimizer, scheduler, args.max_grad_norm)
+    return step_sums
+
+
+def log_reward_window(log, bar, window, window_start: float, scheduler, step: int, steps_per_epoch):
+    """train/ metrics of the steps since the last log, from their global sums. -> the next window's
+    start time"""
+    loss_sum, correct, margin_sum, n_seen, tokens = window.tolist()
+    metrics = {
+        "train/loss": loss_sum / n_seen,
+        "train/accuracy": correct / n_seen,
+        "train/margin": margin_sum / n_seen,
+        **window_metrics(scheduler, tokens, window_start, step, steps_per_epoch),
     }
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / "eval_results.json").write_text(json.dumps(results, indent=2))
+    log.log(metrics, step)
+    bar.set_postfix(
+        loss=f"{metrics['train/loss']:.3f}",
+        acc=f"{metrics['train/accuracy']:.2f}",
+        tok_s=f"{metrics['train/tokens_per_second']:.0f}",
+    )
+    window.zero_()
+    return time.time()
+
+
+# ---- reward statistics: later stages normalize scores by them ----
+
+
+def evaluate_only(accelerator, args, model, eval_loader, n_pairs: int, split: str):
+    """--eval_only: score an existing reward model's pairs into eval_results.json (no training)."""
+    model, eval_loader = accelerator.prepare(model, eval_loader)
+    metrics = evaluate_rewards(accelerator, model, eval_loader, args.center_rewards_coefficient)
+    save_reward_statistics(accelerator, metrics, n_pairs, split, args.output_dir, 0)
+    accelerator.print(json.dumps(metrics))
+    end_training(accelerator)
+
+
+def final_reward_statistics(accelerator, args, model, eval_loader, metrics, n_pairs, split, step):
+    """The trained model's reward mean and std (from the last evaluation, or computed now over the
+    train responses), into eval_results.json and the saved model's config."""
+    if metrics is None:
+        accelerator.print(
+            "no eval split: reward_mean/reward_std are computed over the train responses"
+        )
+        metrics = evaluate_rewards(accelerator, model, eval_loader, args.center_rewards_coefficient)
+    stats = save_reward_statistics(accelerator, metrics, n_pairs, split, args.output_dir, step)
+    config = accelerator.unwrap_model(model).config
+    config.reward_mean, config.reward_std = stats
+    accelerator.print(f"reward_mean={config.reward_mean:.4f} reward_std={config.reward_std:.4f}")
 
 
 # ---- main, in phases: check -> data -> model -> prepare -> train -> statistics and save ----
@@ -379,21 +406,7 @@ def main(args: Args):
     eval_loader = torch.utils.data.DataLoader(
         evals or train, batch_size=args.per_device_eval_batch_size, collate_fn=collate
     )
-    train_loader = train and torch.utils.data.DataLoader(
-        train,
-        batch_size=args.per_device_train_batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        # Its own generator: torch draws a seed from it for each new iterator (a resume mid-epoch
-        # makes one more), not from the global RNG of sampling and dropout. The order comes from
-        # accelerate's seedable sampler, which reseeds it with seed + epoch.
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    if train and math.ceil(len(train_loader) / accelerator.num_processes) < ga:
-        raise DataError(
-            f"{len(train)} training pairs make no full step of "
-            f"{args.per_device_train_batch_size} x {accelerator.num_processes} x {ga}"
-        )
+    train_loader = train and make_train_loader(accelerator, args, train, collate, "pairs")
     resume_from = (
         None
         if args.eval_only
@@ -416,43 +429,18 @@ def main(args: Args):
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
         model.config.use_cache = False
-
     if args.eval_only:
-        model, eval_loader = accelerator.prepare(model, eval_loader)
-        metrics = evaluate_rewards(accelerator, model, eval_loader, args.center_rewards_coefficient)
-        check_finite(
-            torch.tensor([metrics["eval/reward_mean"], metrics["eval/reward_std"]]),
-            "eval/reward",
-            0,
-        )
-        on_main(accelerator, write_eval_results, metrics, len(evals), split, args.output_dir)
-        accelerator.print(json.dumps(metrics))
-        end_training(accelerator)
+        evaluate_only(accelerator, args, model, eval_loader, len(evals), split)
         return
 
     # ---- 3. prepare: optimizer, DeepSpeed settings, schedule, resume ----
-    optimizer = adamw(
-        accelerator, model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
+    model, optimizer, scheduler, train_loader, eval_loader, step = prepare_training(
+        accelerator, args, model, tokenizer, train_loader, eval_loader, resume_from
     )
-    model, optimizer, train_loader, eval_loader = prepare_for_training(
-        accelerator, args.max_grad_norm, model, optimizer, train_loader, eval_loader
-    )
-    # a checkpoint also opens with from_pretrained
-    checkpoints_open_as_models(accelerator, tokenizer, lambda m: {"": ("", m)})
-    # an incomplete trailing accumulation group is skipped: every step sees ga micro-batches
-    steps_per_epoch = len(train_loader) // ga
-    total_steps = (
-        args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    )
-    # (not prepared: it would step once per process)
-    scheduler = lr_schedule(optimizer, args.lr_scheduler, args.warmup_ratio, total_steps)
-    step = 0
-    if resume_from is not None:  # accelerate's state, plus our own (step, scheduler) from step.json
-        restore = lambda state: scheduler.load_state_dict(state["scheduler"])
-        step = load_checkpoint(accelerator, resume_from, restore)["step"]
+    steps_per_epoch, total_steps = count_steps(args, train_loader)
     log = MetricsLog(accelerator, args.output_dir, resume_step=step)
 
-    # ---- 4. train ----
+    # ---- 4. train: one optimizer step per ga micro-batches ----
     model.train()
     bar = tqdm(
         total=total_steps,
@@ -463,98 +451,100 @@ def main(args: Args):
     window = torch.zeros(5, device=accelerator.device)  # loss, correct, margin sums; pairs, tokens
     window_start, last_eval = time.time(), None
     STOP.deferred = True  # a signal now stops the loop at the end of a step (StopSignal)
-    while step < total_steps:
-        # the same data order on every process and after a resume
-        train_loader.set_epoch(step // steps_per_epoch)
-        skip = (step % steps_per_epoch) * ga
-        batches = iter(accelerator.skip_first_batches(train_loader, skip) if skip else train_loader)
-        for _ in range(steps_per_epoch - step % steps_per_epoch):
-            micro = list(islice(batches, ga))
-            # Average over the pairs of the whole global batch, so 1 process and N processes (and any
-            # accumulation) give the same gradient; DDP averages over processes, hence the factor.
-            n_pairs = accelerator.gather(
-                torch.tensor([sum(len(b["margin"]) for b in micro)], device=accelerator.device)
-            ).sum()
-            local = torch.zeros(5, device=accelerator.device)  # this process's share of the window
-            for i, batch in enumerate(micro):
-                with accelerator.accumulate(model):
-                    # chosen and rejected in one forward pass: the first n rows are chosen
-                    with accelerator.autocast():
-                        rewards = sequence_rewards(
-                            model, batch["input_ids"], batch["attention_mask"]
-                        )
-                    n = len(batch["margin"])
-                    chosen, rejected = rewards[:n], rewards[n:]
-                    loss = reward_loss(
-                        chosen, rejected, batch["margin"], args.center_rewards_coefficient
-                    )
-                    local += torch.stack(
-                        [
-                            loss.sum(),
-                            (chosen > rejected).float().sum(),
-                            (chosen - rejected).sum(),
-                            torch.tensor(float(n), device=loss.device),
-                            batch["attention_mask"].sum().float(),
-                        ]
-                    ).detach()
-                    # before the backward that steps (DeepSpeed steps inside backward)
-                    if i == ga - 1:
-                        step_sums = accelerator.reduce(local, "sum")  # one sync per optimizer step
-                        check_finite(step_sums[0], "train/loss", step + 1)
-                    loss = loss.sum() * accelerator.num_processes * ga / n_pairs
-                    optimizer_step(
-                        accelerator, loss, [model], optimizer, scheduler, args.max_grad_norm
-                    )
-            window += step_sums
-            step += 1
-            bar.update(1)
+    steps = training_steps(accelerator, train_loader, ga, step, steps_per_epoch, total_steps)
+    for step, micro in steps:
+        window += reward_model_step(accelerator, args, model, optimizer, scheduler, micro, step)
+        bar.update(1)
 
-            # ---- log, evaluate, save ----
-            if step % args.logging_steps == 0 or step == total_steps:
-                loss_sum, correct, margin_sum, n_seen, tokens = window.tolist()
-                metrics = {
-                    "train/loss": loss_sum / n_seen,
-                    "train/accuracy": correct / n_seen,
-                    "train/margin": margin_sum / n_seen,
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/tokens_per_second": tokens / max(time.time() - window_start, 1e-9),
-                    "epoch": step / steps_per_epoch,
-                }
-                log.log(metrics, step)
-                bar.set_postfix(
-                    loss=f"{metrics['train/loss']:.3f}",
-                    acc=f"{metrics['train/accuracy']:.2f}",
-                    tok_s=f"{metrics['train/tokens_per_second']:.0f}",
-                )
-                window.zero_()
-                window_start = time.time()
-            if evals and (step % args.eval_steps == 0 or step == total_steps):
-                last_eval = evaluate_rewards(
-                    accelerator, model, eval_loader, args.center_rewards_coefficient
-                )
-                log.log(last_eval, step)
-            state = {"scheduler": scheduler.state_dict()}
-            checkpoint_or_stop(accelerator, args, step, total_steps, state)
-            if step >= total_steps:
-                break
+        # ---- log, evaluate, save ----
+        if step % args.logging_steps == 0 or step == total_steps:
+            window_start = log_reward_window(
+                log, bar, window, window_start, scheduler, step, steps_per_epoch
+            )
+        if evals and (step % args.eval_steps == 0 or step == total_steps):
+            last_eval = evaluate_rewards(
+                accelerator, model, eval_loader, args.center_rewards_coefficient
+            )
+            log.log(last_eval, step)
+        state = {"scheduler": scheduler.state_dict()}
+        checkpoint_or_stop(accelerator, args, step, total_steps, state)
     bar.close()
 
     # ---- 5. reward statistics (for later stages to normalize scores) and save ----
-    if last_eval is None:
-        accelerator.print(
-            "no eval split: reward_mean/reward_std are computed over the train responses"
-        )
-        last_eval = evaluate_rewards(
-            accelerator, model, eval_loader, args.center_rewards_coefficient
-        )
-    stats = torch.tensor([last_eval["eval/reward_mean"], last_eval["eval/reward_std"]])
-    check_finite(stats, "eval/reward", step)  # never a NaN reward_mean/std in the saved config
-    on_main(accelerator, write_eval_results, last_eval, len(evals or train), split, args.output_dir)
-    config = accelerator.unwrap_model(model).config
-    config.reward_mean, config.reward_std = stats.tolist()
-    accelerator.print(f"reward_mean={config.reward_mean:.4f} reward_std={config.reward_std:.4f}")
+    n_pairs = len(evals or train)
+    final_reward_statistics(accelerator, args, model, eval_loader, last_eval, n_pairs, split, step)
     save_model(accelerator, model, tokenizer, args.output_dir)
     end_training(accelerator)
+
+
+# ---- this stage's plumbing (not shared) ----
+
+
+def check_reward_args(args: Args):
+    """Argument mistakes, one line each, before anything loads."""
+    positive = ("per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "logging_steps", "eval_steps", "max_length")  # fmt: skip
+    check_common_args(args, positive)
+    if args.max_steps <= 0 and not args.num_train_epochs > 0:
+        raise DataError(
+            f"--num_train_epochs must be > 0 (or --max_steps set), got {args.num_train_epochs}"
+        )
+    if not args.center_rewards_coefficient >= 0:
+        raise DataError(
+            f"--center_rewards_coefficient must be >= 0, got {args.center_rewards_coefficient}"
+        )
+    if args.eval_only:
+        out = Path(args.output_dir)
+        if (out / "args.json").exists() or (
+            out.exists() and out.resolve() == Path(args.model_name_or_path).resolve()
+        ):
+            raise DataError(
+                f"--eval_only writes eval_results.json into --output_dir, and {out} holds a run or the "
+                "model being scored; pass another --output_dir"
+            )
+
+
+def load_reward_model(args, tokenizer):
+    """AutoModelForSequenceClassification with one output, float32 weights and dropout off. Returns
+    (model, fresh_head): fresh_head is True when the checkpoint had no `score` head (a causal LM, e.g.
+    the SFT model)."""
+    model, info = load_pretrained(
+        AutoModelForSequenceClassification,
+        args.model_name_or_path,
+        torch.float32,
+        args,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        output_loading_info=True,
+    )
+    disable_dropout(model)
+    if not isinstance(getattr(model, "score", None), torch.nn.Linear):
+        raise DataError(
+            f"{type(model).__name__} has no linear `score` head (the reward-model contract reads it)"
+        )
+    return model, any(k.startswith("score.") for k in info["missing_keys"])
+
+
+def save_reward_statistics(accelerator, metrics: dict, n_pairs: int, split: str, output_dir, step):
+    """Checks the reward mean and std are finite (never a NaN in the saved config), then writes
+    eval_results.json. -> [reward_mean, reward_std]"""
+    stats = torch.tensor([metrics["eval/reward_mean"], metrics["eval/reward_std"]])
+    check_finite(stats, "eval/reward", step)
+    on_main(accelerator, write_eval_results, metrics, n_pairs, split, output_dir)
+    return stats.tolist()
+
+
+def write_eval_results(metrics: dict, n_pairs: int, split: str, output_dir):
+    """eval_results.json: the final eval metrics and the reward statistics later stages normalize by."""
+    results = {
+        **metrics,
+        "num_pairs": n_pairs,
+        "split": split,
+        "reward_mean": metrics["eval/reward_mean"],
+        "reward_std": metrics["eval/reward_std"],
+    }
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / "eval_results.json").write_text(json.dumps(results, indent=2))
 
 
 # ---- shared helpers: identical in every script that has them (tests/test_shared_helpers.py) ----
@@ -966,6 +956,83 @@ def checkpoint_or_stop(accelerator, args, step: int, total: int, state, write_ex
         )
     if stop:
         raise KeyboardInterrupt
+
+
+def make_train_loader(accelerator, args, examples: list, collate, unit: str):
+    """The shuffled training loader; a DataError when the examples make no full optimizer step."""
+    loader = torch.utils.data.DataLoader(
+        examples,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        # Its own generator: torch draws a seed from it for each new iterator (a resume mid-epoch
+        # makes one more), not from the global RNG of sampling and dropout. The order comes from
+        # accelerate's seedable sampler, which reseeds it with seed + epoch.
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    ga = args.gradient_accumulation_steps
+    if math.ceil(len(loader) / accelerator.num_processes) < ga:  # accelerate's shard length
+        raise DataError(
+            f"{len(examples)} training {unit} make no full step of "
+            f"{args.per_device_train_batch_size} x {accelerator.num_processes} x {ga}"
+        )
+    return loader
+
+
+def count_steps(args, train_loader) -> tuple:
+    """(optimizer steps per epoch, total optimizer steps) of a prepared loader. An incomplete trailing
+    accumulation group is skipped, so every step sees ga micro-batches; --max_steps > 0 overrides
+    --num_train_epochs."""
+    steps_per_epoch = len(train_loader) // args.gradient_accumulation_steps
+    if args.max_steps > 0:
+        return steps_per_epoch, args.max_steps
+    return steps_per_epoch, math.ceil(args.num_train_epochs * steps_per_epoch)
+
+
+def prepare_training(accelerator, args, model, tokenizer, train_loader, eval_loader, resume_from):
+    """AdamW, accelerate's prepare (with DeepSpeed's settings), checkpoints that also open with
+    from_pretrained, the learning-rate schedule, and the step a resume continues from (accelerate's
+    state, plus our own step and scheduler from step.json).
+    -> (model, optimizer, scheduler, train_loader, eval_loader, step)"""
+    optimizer = adamw(
+        accelerator, model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
+    )
+    model, optimizer, train_loader, eval_loader = prepare_for_training(
+        accelerator, args.max_grad_norm, model, optimizer, train_loader, eval_loader
+    )
+    checkpoints_open_as_models(accelerator, tokenizer, lambda m: {"": ("", m)})
+    total_steps = count_steps(args, train_loader)[1]
+    # not prepared: accelerate would step it once per process
+    scheduler = lr_schedule(optimizer, args.lr_scheduler, args.warmup_ratio, total_steps)
+    step = 0
+    if resume_from is not None:
+        restore = lambda state: scheduler.load_state_dict(state["scheduler"])
+        step = load_checkpoint(accelerator, resume_from, restore)["step"]
+    return model, optimizer, scheduler, train_loader, eval_loader, step
+
+
+def training_steps(accelerator, loader, ga: int, step: int, steps_per_epoch: int, total: int):
+    """Yield (the number of each optimizer step after `step`, counted from 1, and its ga micro-batches)
+    up to step `total`: the same data order on every process and after a resume (accelerate's
+    seedable sampler reseeds each epoch with seed + epoch; a resume skips the batches it has seen)."""
+    while step < total:
+        loader.set_epoch(step // steps_per_epoch)
+        skip = (step % steps_per_epoch) * ga
+        batches = iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
+        for _ in range(steps_per_epoch - step % steps_per_epoch):
+            step += 1
+            yield step, list(islice(batches, ga))
+            if step >= total:
+                return
+
+
+def window_metrics(scheduler, tokens: float, window_start: float, step: int, steps_per_epoch: int):
+    """The train/ metrics every stage logs beside its own: learning rate, throughput, epoch."""
+    return {
+        "train/lr": scheduler.get_last_lr()[0],
+        "train/tokens_per_second": tokens / max(time.time() - window_start, 1e-9),
+        "epoch": step / steps_per_epoch,
+    }
 
 
 def lr_schedule(optimizer, name: str, warmup_ratio: float, total_steps: int):

@@ -290,16 +290,6 @@ def collate_sft(examples: list, pad_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
-def check_args(args: Args):
-    """Argument mistakes, one line each, before anything loads."""
-    positive = ("per_device_train_batch_size", "per_device_eval_batch_size",
-                "gradient_accumulation_steps", "logging_steps", "eval_steps", "max_length",
-                "max_new_tokens")  # fmt: skip
-    if args.num_samples < 0:
-        raise DataError(f"--num_samples must be >= 0, got {args.num_samples}")
-    check_common_args(args, positive)
-
-
 @torch.no_grad()
 def evaluate(accelerator, model, loader) -> dict:
     """eval/loss per completion token. gather_for_metrics counts each example once (with >1 process
@@ -333,14 +323,8 @@ def write_samples(
         "attention_mask": pad([[1] * len(p) for p in prompts], 0, "left"),
     }
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-    plugin = accelerator.state.deepspeed_plugin
-    gathered = contextlib.nullcontext()
-    if plugin is not None and plugin.zero_stage == 3:
-        import deepspeed  # only needed (and only importable) under DeepSpeed
-
-        gathered = deepspeed.zero.GatheredParameters(list(unwrapped.parameters()))
     model.eval()
-    with gathered, accelerator.autocast():
+    with zero3_gathered(accelerator, unwrapped.parameters()), accelerator.autocast():
         out = unwrapped.generate(**batch, generation_config=config, synced_gpus=False)
     model.train()
     unwrapped.generation_config = original  # the saved model keeps its own
@@ -353,6 +337,48 @@ def write_samples(
                     "completion": tokenizer.decode(o, skip_special_tokens=True),
                 }
                 f.write(json.dumps(row) + "\n")
+
+
+# ---- the loop's phases: one optimizer step, then its log ----
+
+
+def sft_step(accelerator, args, model, optimizer, scheduler, micro: list, step: int):
+    """One optimizer step over its ga micro-batches (forward, backward each; the step at the last).
+    -> the step's global [loss sum, completion tokens, tokens]"""
+    ga = args.gradient_accumulation_steps
+    # Normalize by the completion tokens of the whole global batch, so 1 process and N processes
+    # (and any accumulation) give the same gradient; DDP averages over processes, hence the factor.
+    local_tokens = sum(b["loss_mask"][:, 1:].sum() for b in micro)
+    n_tokens = accelerator.gather(local_tokens).sum().clamp(min=1)
+    local = torch.zeros(2, device=accelerator.device)  # this process: loss sum, tokens
+    for i, batch in enumerate(micro):
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                loss_sum = sft_loss_sum(model, batch)[0].sum()
+            local += torch.stack([loss_sum.detach().float(), batch["attention_mask"].sum().float()])
+            # before the backward that steps (DeepSpeed steps inside backward)
+            if i == ga - 1:
+                step_sums = accelerator.reduce(local, "sum")  # one sync per optimizer step
+                check_finite(step_sums[0], "train/loss", step)
+            loss = loss_sum * accelerator.num_processes * ga / n_tokens
+            optimizer_step(accelerator, loss, [model], optimizer, scheduler, args.max_grad_norm)
+    return torch.stack([step_sums[0], n_tokens.float(), step_sums[1]])
+
+
+def log_sft_window(log, bar, window, window_start: float, scheduler, step: int, steps_per_epoch):
+    """train/ metrics of the steps since the last log, from their global sums. -> the next window's
+    start time"""
+    loss, loss_tokens, tokens = window.tolist()
+    metrics = {
+        "train/loss": loss / loss_tokens,  # per completion token
+        **window_metrics(scheduler, tokens, window_start, step, steps_per_epoch),
+    }
+    log.log(metrics, step)
+    bar.set_postfix(
+        loss=f"{metrics['train/loss']:.3f}", tok_s=f"{metrics['train/tokens_per_second']:.0f}"
+    )
+    window.zero_()
+    return time.time()
 
 
 def main(args: Args):
@@ -371,30 +397,81 @@ def main(args: Args):
     train = load_and_tokenize(args.train_split, "train")
     evals = load_and_tokenize(args.eval_split, "eval") if args.eval_split else []
     collate = lambda examples: collate_sft(examples, tokenizer.pad_token_id)
-    train_loader = torch.utils.data.DataLoader(
-        train,
-        batch_size=args.per_device_train_batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        # Its own generator: torch draws a seed from it for each new iterator (a resume mid-epoch
-        # makes one more), not from the global RNG of sampling and dropout. The order comes from
-        # accelerate's seedable sampler, which reseeds it with seed + epoch.
-        generator=torch.Generator().manual_seed(args.seed),
-    )
+    train_loader = make_train_loader(accelerator, args, train, collate, "examples")
     eval_loader = torch.utils.data.DataLoader(
         evals, batch_size=args.per_device_eval_batch_size, collate_fn=collate
     )
-    if math.ceil(len(train_loader) / accelerator.num_processes) < ga:  # accelerate's shard length
-        raise DataError(
-            f"{len(train)} training examples make no full step of "
-            f"{args.per_device_train_batch_size} x {accelerator.num_processes} x {ga}"
-        )
     resume_from = find_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint)
     # refuse to mix runs; a resume must also share the process count and the training data
     on_main(accelerator, prepare_output_dir, args, resume_from, accelerator.num_processes, train)
     on_main(accelerator, start_tracker, accelerator, args, "sft", resume_from is not None)
 
     # ---- model: float32 weights (mixed precision comes from --bf16 autocast or DeepSpeed) ----
+    model = load_sft_model(args)
+
+    # ---- optimizer, schedule, resume point ----
+    model, optimizer, scheduler, train_loader, eval_loader, step = prepare_training(
+        accelerator, args, model, tokenizer, train_loader, eval_loader, resume_from
+    )
+    steps_per_epoch, total_steps = count_steps(args, train_loader)
+    log = MetricsLog(accelerator, args.output_dir, resume_step=step)
+    samples_path = Path(args.output_dir) / "samples.jsonl"
+    if step and accelerator.is_main_process:  # evaluations after the checkpoint are re-run
+        keep_rows_up_to(samples_path, step)
+    sample_prompts = [e["input_ids"][: e["loss_mask"].index(1)] for e in evals[: args.num_samples]]
+
+    # ---- train: one optimizer step per ga micro-batches ----
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="sft")
+    window = torch.zeros(3, device=accelerator.device)  # global loss sum, completion tokens, tokens
+    window_start = time.time()
+    STOP.deferred = True  # a signal now stops the loop at the end of a step (StopSignal)
+    steps = training_steps(accelerator, train_loader, ga, step, steps_per_epoch, total_steps)
+    for step, micro in steps:
+        window += sft_step(accelerator, args, model, optimizer, scheduler, micro, step)
+        bar.update(1)
+
+        # ---- log, evaluate, save ----
+        if step % args.logging_steps == 0 or step == total_steps:
+            window_start = log_sft_window(
+                log, bar, window, window_start, scheduler, step, steps_per_epoch
+            )
+        if evals and (step % args.eval_steps == 0 or step == total_steps):
+            log.log(evaluate(accelerator, model, eval_loader), step)
+            write_samples(
+                accelerator,
+                model,
+                tokenizer,
+                sample_prompts,
+                args.max_new_tokens,
+                samples_path,
+                step,
+            )
+        state = {"scheduler": scheduler.state_dict()}
+        checkpoint_or_stop(accelerator, args, step, total_steps, state)
+    bar.close()
+
+    # ---- save ----
+    save_model(accelerator, model, tokenizer, args.output_dir)
+    end_training(accelerator)
+
+
+# ---- this stage's plumbing (not shared) ----
+
+
+def check_args(args: Args):
+    """Argument mistakes, one line each, before anything loads."""
+    positive = ("per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "logging_steps", "eval_steps", "max_length",
+                "max_new_tokens")  # fmt: skip
+    if args.num_samples < 0:
+        raise DataError(f"--num_samples must be >= 0, got {args.num_samples}")
+    check_common_args(args, positive)
+
+
+def load_sft_model(args):
+    """The causal LM to fine-tune, float32 weights, dropout off: from --model_name_or_path, or with
+    --init_from_scratch fresh random weights from its config; gradient checkpointing if asked."""
     if args.init_from_scratch:
         try:
             config = AutoConfig.from_pretrained(
@@ -417,107 +494,7 @@ def main(args: Args):
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
         model.config.use_cache = False
-    optimizer = adamw(
-        accelerator, model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
-    )
-    model, optimizer, train_loader, eval_loader = prepare_for_training(
-        accelerator, args.max_grad_norm, model, optimizer, train_loader, eval_loader
-    )
-    # a checkpoint also opens with from_pretrained
-    checkpoints_open_as_models(accelerator, tokenizer, lambda m: {"": ("", m)})
-
-    # an incomplete trailing accumulation group is skipped: every step sees ga micro-batches
-    steps_per_epoch = len(train_loader) // ga
-    total_steps = (
-        args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    )
-    # not prepared: accelerate would step it once per process
-    scheduler = lr_schedule(optimizer, args.lr_scheduler, args.warmup_ratio, total_steps)
-
-    # ---- resume: accelerate's state, plus our own (step, scheduler) from step.json ----
-    step = 0
-    if resume_from is not None:
-        restore = lambda state: scheduler.load_state_dict(state["scheduler"])
-        step = load_checkpoint(accelerator, resume_from, restore)["step"]
-    log = MetricsLog(accelerator, args.output_dir, resume_step=step)
-    samples_path = Path(args.output_dir) / "samples.jsonl"
-    if step and accelerator.is_main_process:  # evaluations after the checkpoint are re-run
-        keep_rows_up_to(samples_path, step)
-    sample_prompts = [e["input_ids"][: e["loss_mask"].index(1)] for e in evals[: args.num_samples]]
-
-    # ---- train ----
-    model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="sft")
-    window = torch.zeros(3, device=accelerator.device)  # global loss sum, completion tokens, tokens
-    window_start = time.time()
-    STOP.deferred = True  # a signal now stops the loop at the end of a step (StopSignal)
-    while step < total_steps:
-        # the same data order on every process and after a resume
-        train_loader.set_epoch(step // steps_per_epoch)
-        skip = (step % steps_per_epoch) * ga
-        batches = iter(accelerator.skip_first_batches(train_loader, skip) if skip else train_loader)
-        for _ in range(steps_per_epoch - step % steps_per_epoch):
-            micro = list(islice(batches, ga))
-            # Normalize by the completion tokens of the whole global batch, so 1 process and N processes
-            # (and any accumulation) give the same gradient; DDP averages over processes, hence the factor.
-            local_tokens = sum(b["loss_mask"][:, 1:].sum() for b in micro)
-            n_tokens = accelerator.gather(local_tokens).sum().clamp(min=1)
-            local = torch.zeros(2, device=accelerator.device)  # this process: loss sum, tokens
-            for i, batch in enumerate(micro):
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        loss_sum = sft_loss_sum(model, batch)[0].sum()
-                    local += torch.stack(
-                        [loss_sum.detach().float(), batch["attention_mask"].sum().float()]
-                    )
-                    # before the backward that steps (DeepSpeed steps inside backward)
-                    if i == ga - 1:
-                        step_sums = accelerator.reduce(local, "sum")  # one sync per optimizer step
-                        check_finite(step_sums[0], "train/loss", step + 1)
-                    loss = loss_sum * accelerator.num_processes * ga / n_tokens
-                    optimizer_step(
-                        accelerator, loss, [model], optimizer, scheduler, args.max_grad_norm
-                    )
-            window += torch.stack([step_sums[0], n_tokens.float(), step_sums[1]])
-            step += 1
-            bar.update(1)
-
-            # ---- log, evaluate, save ----
-            if step % args.logging_steps == 0 or step == total_steps:
-                loss, loss_tokens, tokens = window.tolist()
-                metrics = {
-                    "train/loss": loss / loss_tokens,  # per completion token
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/tokens_per_second": tokens / max(time.time() - window_start, 1e-9),
-                    "epoch": step / steps_per_epoch,
-                }
-                log.log(metrics, step)
-                bar.set_postfix(
-                    loss=f"{metrics['train/loss']:.3f}",
-                    tok_s=f"{metrics['train/tokens_per_second']:.0f}",
-                )
-                window.zero_()
-                window_start = time.time()
-            if evals and (step % args.eval_steps == 0 or step == total_steps):
-                log.log(evaluate(accelerator, model, eval_loader), step)
-                write_samples(
-                    accelerator,
-                    model,
-                    tokenizer,
-                    sample_prompts,
-                    args.max_new_tokens,
-                    samples_path,
-                    step,
-                )
-            state = {"scheduler": scheduler.state_dict()}
-            checkpoint_or_stop(accelerator, args, step, total_steps, state)
-            if step >= total_steps:
-                break
-    bar.close()
-
-    # ---- save ----
-    save_model(accelerator, model, tokenizer, args.output_dir)
-    end_training(accelerator)
+    return model
 
 
 # ---- shared helpers: identical in every script that has them (tests/test_shared_helpers.py) ----
@@ -938,6 +915,83 @@ def checkpoint_or_stop(accelerator, args, step: int, total: int, state, write_ex
         raise KeyboardInterrupt
 
 
+def make_train_loader(accelerator, args, examples: list, collate, unit: str):
+    """The shuffled training loader; a DataError when the examples make no full optimizer step."""
+    loader = torch.utils.data.DataLoader(
+        examples,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        # Its own generator: torch draws a seed from it for each new iterator (a resume mid-epoch
+        # makes one more), not from the global RNG of sampling and dropout. The order comes from
+        # accelerate's seedable sampler, which reseeds it with seed + epoch.
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    ga = args.gradient_accumulation_steps
+    if math.ceil(len(loader) / accelerator.num_processes) < ga:  # accelerate's shard length
+        raise DataError(
+            f"{len(examples)} training {unit} make no full step of "
+            f"{args.per_device_train_batch_size} x {accelerator.num_processes} x {ga}"
+        )
+    return loader
+
+
+def count_steps(args, train_loader) -> tuple:
+    """(optimizer steps per epoch, total optimizer steps) of a prepared loader. An incomplete trailing
+    accumulation group is skipped, so every step sees ga micro-batches; --max_steps > 0 overrides
+    --num_train_epochs."""
+    steps_per_epoch = len(train_loader) // args.gradient_accumulation_steps
+    if args.max_steps > 0:
+        return steps_per_epoch, args.max_steps
+    return steps_per_epoch, math.ceil(args.num_train_epochs * steps_per_epoch)
+
+
+def prepare_training(accelerator, args, model, tokenizer, train_loader, eval_loader, resume_from):
+    """AdamW, accelerate's prepare (with DeepSpeed's settings), checkpoints that also open with
+    from_pretrained, the learning-rate schedule, and the step a resume continues from (accelerate's
+    state, plus our own step and scheduler from step.json).
+    -> (model, optimizer, scheduler, train_loader, eval_loader, step)"""
+    optimizer = adamw(
+        accelerator, model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
+    )
+    model, optimizer, train_loader, eval_loader = prepare_for_training(
+        accelerator, args.max_grad_norm, model, optimizer, train_loader, eval_loader
+    )
+    checkpoints_open_as_models(accelerator, tokenizer, lambda m: {"": ("", m)})
+    total_steps = count_steps(args, train_loader)[1]
+    # not prepared: accelerate would step it once per process
+    scheduler = lr_schedule(optimizer, args.lr_scheduler, args.warmup_ratio, total_steps)
+    step = 0
+    if resume_from is not None:
+        restore = lambda state: scheduler.load_state_dict(state["scheduler"])
+        step = load_checkpoint(accelerator, resume_from, restore)["step"]
+    return model, optimizer, scheduler, train_loader, eval_loader, step
+
+
+def training_steps(accelerator, loader, ga: int, step: int, steps_per_epoch: int, total: int):
+    """Yield (the number of each optimizer step after `step`, counted from 1, and its ga micro-batches)
+    up to step `total`: the same data order on every process and after a resume (accelerate's
+    seedable sampler reseeds each epoch with seed + epoch; a resume skips the batches it has seen)."""
+    while step < total:
+        loader.set_epoch(step // steps_per_epoch)
+        skip = (step % steps_per_epoch) * ga
+        batches = iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
+        for _ in range(steps_per_epoch - step % steps_per_epoch):
+            step += 1
+            yield step, list(islice(batches, ga))
+            if step >= total:
+                return
+
+
+def window_metrics(scheduler, tokens: float, window_start: float, step: int, steps_per_epoch: int):
+    """The train/ metrics every stage logs beside its own: learning rate, throughput, epoch."""
+    return {
+        "train/lr": scheduler.get_last_lr()[0],
+        "train/tokens_per_second": tokens / max(time.time() - window_start, 1e-9),
+        "epoch": step / steps_per_epoch,
+    }
+
+
 def lr_schedule(optimizer, name: str, warmup_ratio: float, total_steps: int):
     """The learning rate of optimizer step s = 0 .. total_steps - 1 as a multiple of --learning_rate: a
     linear warm-up over ceil(warmup_ratio * total_steps) steps, then constant, linear or cosine decay.
@@ -1320,6 +1374,16 @@ def load_checkpoint(accelerator, path: Path, restore=None) -> dict:
         ) from None
     accelerator.print(f"resumed from {path} at step {state['step']}")
     return state
+
+
+def zero3_gathered(accelerator, params, modifier_rank=None):
+    """Under ZeRO-3, the full tensors of `params` inside the block (one gather, not one per use)."""
+    plugin = accelerator.state.deepspeed_plugin if accelerator is not None else None
+    if plugin is None or plugin.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed  # only needed (and only importable) under DeepSpeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
 
 
 class StopSignal:

@@ -41,7 +41,8 @@ def test_adamw_is_fused_on_cpu_and_torchs_default_under_deepspeed(script):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_each_script_builds_its_optimizer_with_the_shared_adamw(script):
-    """main() / train_dpo() call adamw(accelerator, ...); torch.optim.AdamW appears only inside it."""
+    """main() / train_dpo() / the shared prepare_training() call adamw(accelerator, ...);
+    torch.optim.AdamW appears only inside it."""
     tree = ast.parse((REPO / script).read_text())
     callers = []
     for node in tree.body:
@@ -54,7 +55,7 @@ def test_each_script_builds_its_optimizer_with_the_shared_adamw(script):
                     assert node.name == "adamw", f"{script}:{node.name} builds a torch AdamW itself"
                 if name == "adamw":
                     callers.append(node.name)
-    assert callers in (["main"], ["train_dpo"]), callers
+    assert callers in (["main"], ["train_dpo"], ["prepare_training"]), callers
 
 
 def test_a_run_steps_a_fused_adamw(run_script, tiny_model, data_files, tmp_path):

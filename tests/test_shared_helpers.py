@@ -27,7 +27,8 @@ SHARED = [
     "StopSignal", "STOP", "write_error", "write_model_dir", "end_training", "adamw",
     "checkpoints_open_as_models", "prune_checkpoints", "check_common_args", "make_accelerator",
     "prepare_for_training", "optimizer_step", "checkpoint_or_stop", "zero3_gathered",
-    "truncate_after_eos",
+    "truncate_after_eos", "make_train_loader", "count_steps", "prepare_training", "training_steps",
+    "window_metrics",
 ]  # fmt: skip
 
 
