@@ -281,12 +281,6 @@ def best_worst_pairs(scores: list, k: int):
     return out
 
 
-def first_eos_cut(ids: list, eos_id: int):
-    """A sampled response up to and including its first EOS (the rest is padding).
-    -> (ids, finished)"""
-    return (ids[: ids.index(eos_id) + 1], True) if eos_id in ids else (ids, False)
-
-
 @torch.no_grad()
 def sample_responses(accelerator, model, tokenizer, prompt_ids: list, args) -> list:
     """args.samples_per_prompt responses per prompt, in eval mode (gradient checkpointing drops the
@@ -299,15 +293,9 @@ def sample_responses(accelerator, model, tokenizer, prompt_ids: list, args) -> l
     )
     config.num_return_sequences = args.samples_per_prompt
     original, unwrapped.generation_config = unwrapped.generation_config, config
-    plugin = accelerator.state.deepspeed_plugin
-    gathered = contextlib.nullcontext()
-    if plugin is not None and plugin.zero_stage == 3:
-        import deepspeed  # only needed (and only importable) under DeepSpeed
-
-        gathered = deepspeed.zero.GatheredParameters(list(unwrapped.parameters()))
     model.eval()
     out = []
-    with gathered, accelerator.autocast():
+    with zero3_gathered(accelerator, unwrapped.parameters()), accelerator.autocast():
         for start in range(0, len(prompt_ids), args.generation_batch_size):
             chunk = prompt_ids[start : start + args.generation_batch_size]
             ids = pad(chunk, tokenizer.pad_token_id, "left").to(accelerator.device)
@@ -315,8 +303,12 @@ def sample_responses(accelerator, model, tokenizer, prompt_ids: list, args) -> l
             generated = unwrapped.generate(
                 input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=False
             )
-            responses = generated[:, ids.shape[1] :].tolist()
-            out += [first_eos_cut(r, tokenizer.eos_token_id) for r in responses]
+            # each response up to and including its first EOS (a response without one: all of it)
+            responses, kept, finished = truncate_after_eos(
+                generated[:, ids.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id
+            )
+            lengths = kept.sum(-1).tolist()
+            out += [(r[:n], f) for r, n, f in zip(responses.tolist(), lengths, finished.tolist())]
     # the saved model keeps its own generation_config
     unwrapped.generation_config = original
     return out
@@ -1811,6 +1803,28 @@ def load_checkpoint(accelerator, path: Path, restore=None) -> dict:
         ) from None
     accelerator.print(f"resumed from {path} at step {state['step']}")
     return state
+
+
+def zero3_gathered(accelerator, params, modifier_rank=None):
+    """Under ZeRO-3, the full tensors of `params` inside the block (one gather, not one per use)."""
+    plugin = accelerator.state.deepspeed_plugin if accelerator is not None else None
+    if plugin is None or plugin.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed  # only needed (and only importable) under DeepSpeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
+    """Keep each response up to and including its first EOS; replace what follows with pad.
+    -> (responses, mask [B, T] long, has_eos [B] bool). A response without EOS keeps all its tokens."""
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(-1)
+    T = responses.shape[1]
+    last = torch.full_like(has_eos, T - 1, dtype=torch.long)
+    end = torch.where(has_eos, is_eos.long().argmax(-1), last)
+    mask = torch.arange(T, device=responses.device)[None, :] <= end[:, None]
+    return responses.masked_fill(~mask, pad_id), mask.long(), has_eos
 
 
 def prepare_frozen(accelerator, model):
