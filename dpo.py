@@ -266,160 +266,6 @@ def pair_stats(model, ref_model, batch, args):
     return losses, torch.stack([s.detach() for s in stats], dim=-1)
 
 
-# ---- DPO-Iter (Sec. 4.3): sample from the policy, score, pair the best with the worst ----
-
-
-def best_worst_pairs(scores: list, k: int):
-    """Per prompt (k consecutive samples): (best index, worst index), or None when all k scores tie.
-    Best-vs-worst of k is our choice (as RLHFlow / Xiong et al. do), giving each prompt its clearest
-    pair; the paper only says it labels the samples with a reward model."""
-    out = []
-    for start in range(0, len(scores), k):
-        group = scores[start : start + k]
-        best, worst = max(range(k), key=group.__getitem__), min(range(k), key=group.__getitem__)
-        out.append(None if group[best] == group[worst] else (start + best, start + worst))
-    return out
-
-
-@torch.no_grad()
-def sample_responses(accelerator, model, tokenizer, prompt_ids: list, args) -> list:
-    """args.samples_per_prompt responses per prompt, in eval mode (gradient checkpointing drops the
-    KV cache in train mode), with exactly our sampling settings (none from generation_config.json).
-    Under ZeRO-3 the weights are gathered once for the whole rollout.
-    -> [(ids, finished)], prompt-major"""
-    unwrapped = accelerator.unwrap_model(model)
-    config = generation_config(
-        tokenizer, args.max_new_tokens, True, args.temperature, args.top_k, args.top_p
-    )
-    config.num_return_sequences = args.samples_per_prompt
-    original, unwrapped.generation_config = unwrapped.generation_config, config
-    model.eval()
-    out = []
-    with zero3_gathered(accelerator, unwrapped.parameters()), accelerator.autocast():
-        for start in range(0, len(prompt_ids), args.generation_batch_size):
-            chunk = prompt_ids[start : start + args.generation_batch_size]
-            ids = pad(chunk, tokenizer.pad_token_id, "left").to(accelerator.device)
-            mask = pad([[1] * len(p) for p in chunk], 0, "left").to(accelerator.device)
-            generated = unwrapped.generate(
-                input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=False
-            )
-            # each response up to and including its first EOS (a response without one: all of it)
-            responses, kept, finished = truncate_after_eos(
-                generated[:, ids.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id
-            )
-            lengths = kept.sum(-1).tolist()
-            out += [(r[:n], f) for r, n, f in zip(responses.tolist(), lengths, finished.tolist())]
-    # the saved model keeps its own generation_config
-    unwrapped.generation_config = original
-    return out
-
-
-@torch.no_grad()
-def score_samples(
-    accelerator, args, tokenizer, reward_fn, reward_model, rm_tokenizer, prompts, samples
-) -> list:
-    """One score per sample from the reward function or the reward model (its scalar head at the
-    last real token), then the missing-EOS penalty (Tulu 2.5 App. F, as in ppo.py)."""
-    finished = [f for _, f in samples]
-    rows = [(p["prompt"], p["prompt_ids"], ids) for p, (ids, _) in zip(prompts, samples)]
-    if reward_fn is not None:
-        texts, completions = zip(*[labeller_texts(tokenizer, *row) for row in rows])
-        scores = call_reward_fn(reward_fn, list(texts), list(completions), finished)
-    else:
-        sequences = [
-            reward_model_inputs(tokenizer, rm_tokenizer, *row, f) for row, f in zip(rows, finished)
-        ]
-        pad_id = (rm_tokenizer or tokenizer).pad_token_id
-        scores = []
-        for start in range(0, len(sequences), args.per_device_eval_batch_size):
-            chunk = sequences[start : start + args.per_device_eval_batch_size]
-            ids = pad(chunk, pad_id).to(accelerator.device)
-            mask = pad([[1] * len(s) for s in chunk], 0).to(accelerator.device)
-            with accelerator.autocast():
-                per_token = score_tokens(reward_model, ids, mask)
-            scores += per_token[torch.arange(len(chunk)), last_token_index(mask)].float().tolist()
-    penalty = args.missing_eos_penalty
-    return apply_missing_eos_penalty(torch.tensor(scores), torch.tensor(finished), penalty).tolist()
-
-
-def build_iteration_pairs(accelerator, args, policy, tokenizer, prompts: list, score, name: str):
-    """Sample k responses per prompt from the current policy (each process a share of the prompts),
-    score them, and pair each prompt's best response (chosen) with its worst (rejected); prompts
-    whose samples all tie, or whose best and worst are the same text, are skipped and counted."""
-    k = args.samples_per_prompt
-    error = None
-    with accelerator.split_between_processes(list(range(len(prompts))), apply_padding=True) as mine:
-        mine_ids = [prompts[i]["prompt_ids"] for i in mine]
-        samples = sample_responses(accelerator, policy, tokenizer, mine_ids, args)
-        owners = [i for i in mine for _ in range(k)]
-        # A labelling error stops every process, not only the one whose samples failed.
-        try:
-            scores = score([prompts[i] for i in owners], samples)
-        except DataError as e:
-            error, scores = str(e), [0.0] * len(samples)
-        local = [(i, ids, f, s) for i, (ids, f), s in zip(owners, samples, scores)]
-    errors = [e for e in gather_object([error]) if e]
-    if errors:
-        raise DataError(errors[0])
-    gathered = gather_object(local)
-    # a reward model's NaN stops the run here
-    check_finite(torch.tensor([s for *_, s in gathered]), f"{name} reward", 0)
-    by_prompt = {}
-    for i, ids, finished, s in gathered:
-        by_prompt.setdefault(i, []).append((ids, finished, s))
-    # padding duplicated some prompts: keep one copy
-    groups = {i: by_prompt[i][:k] for i in sorted(by_prompt)}
-    all_scores = [s for group in groups.values() for _, _, s in group]
-    pairs, n_truncated, n_dropped, n_ties, n_identical, n_unfinished_chosen = [], 0, 0, 0, 0, 0
-    for i, group in groups.items():
-        choice = best_worst_pairs([s for _, _, s in group], k)[0]
-        if choice is None:
-            n_ties += 1
-            continue
-        (best_ids, best_finished, best), (worst_ids, _, worst) = group[choice[0]], group[choice[1]]
-        if best_ids == worst_ids:
-            n_identical += 1
-            continue
-        out = make_pair(prompts[i]["prompt_ids"], best_ids, worst_ids, args.max_length, None)
-        if out is None:
-            n_dropped += 1
-            continue
-        pair, truncated = out
-        p = prompts[i]
-        text, chosen = labeller_texts(tokenizer, p["prompt"], p["prompt_ids"], best_ids)
-        rejected = labeller_texts(tokenizer, p["prompt"], p["prompt_ids"], worst_ids)[1]
-        pair["record"] = {  # for iter_K/pairs.jsonl: what the labeller read
-            "prompt": text,
-            "chosen": chosen,
-            "chosen_score": best,
-            "rejected": rejected,
-            "rejected_score": worst,
-        }
-        pairs.append(pair)
-        n_truncated += truncated
-        n_unfinished_chosen += not best_finished
-    unfinished = sum(not f for g in groups.values() for _, f, _ in g) / max(len(all_scores), 1)
-    accelerator.print(
-        f"{name}: {len(pairs)} pairs from {len(groups)} prompts x {k} samples, "
-        f"{n_ties} skipped (all samples tied), {n_identical} skipped (best and worst identical), "
-        f"{n_truncated} truncated, {n_dropped} dropped; {unfinished:.0%} of samples unfinished"
-    )
-    stats = {
-        "pairs": len(pairs),
-        "ties_skipped": n_ties,
-        "identical_skipped": n_identical,
-        "scores_mean": sum(all_scores) / len(all_scores),
-        "unfinished": unfinished,
-        "unfinished_chosen": n_unfinished_chosen / max(len(pairs), 1),
-    }
-    if not pairs:
-        raise DataError(
-            f"{name}: every prompt's {k} samples got the same score (or the same text); "
-            "no preference pair to train on"
-        )
-    return pairs, stats
-
-
 # ---- data: preference pairs and prompts ----
 
 
@@ -660,114 +506,163 @@ def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list,
     return start + done
 
 
-# ---- main ----
+# ---- DPO-Iter (iterative DPO, the paper's Sec. 4.3) ----
+# Each iteration samples k responses per prompt from the current policy, scores them, pairs the
+# best with the worst, and trains DPO (train_dpo) on those pairs; see main()'s loop.
 
 
-def check_args(args: Args) -> bool:
-    """Argument mistakes, one line each, before anything loads. -> whether this is DPO-Iter."""
-    online = args.reward_model_name_or_path is not None or args.reward_fn is not None
-    positive = ("per_device_train_batch_size", "per_device_eval_batch_size",
-                "gradient_accumulation_steps", "logging_steps", "eval_steps", "max_length",
-                "max_new_tokens", "generation_batch_size", "iterations")  # fmt: skip
-    check_common_args(args, positive)
-    if not args.beta > 0:
-        raise DataError(f"--beta must be > 0, got {args.beta}")
-    if args.weight_decay < 0 or not args.max_grad_norm > 0:
-        raise DataError("--weight_decay must be >= 0 and --max_grad_norm > 0")
-    if not 0 <= args.label_smoothing < 0.5:
-        raise DataError(f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
-    if args.loss_type == "ipo" and args.label_smoothing > 0:
-        raise DataError(
-            "--label_smoothing applies to the sigmoid loss (conservative DPO), not to ipo"
-        )
-    if not args.temperature > 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise DataError("--temperature must be > 0, --top_p within (0, 1], --top_k >= 0")
-    if args.missing_eos_penalty is not None and not math.isfinite(args.missing_eos_penalty):
-        raise DataError(
-            f"--missing_eos_penalty must be a finite number, got {args.missing_eos_penalty}"
-        )
-    if args.reward_model_name_or_path is not None and args.reward_fn is not None:
-        raise DataError("give either --reward_model_name_or_path or --reward_fn, not both")
-    if args.iterations > 1 and not online:
-        raise DataError(
-            "--iterations > 1 (DPO-Iter) needs --reward_model_name_or_path or --reward_fn to label "
-            "samples"
-        )
-    if online and args.samples_per_prompt < 2:
-        raise DataError("DPO-Iter needs --samples_per_prompt >= 2 to form a best/worst pair")
-    if args.eval_only and (args.eval_split is None or online):
-        raise DataError(
-            "--eval_only evaluates preference pairs: it needs --eval_split and no reward "
-            "model/function"
-        )
-    if args.ref_model_name_or_path:
-        check_model_path(args.ref_model_name_or_path, "reference model")
-    return online
+def best_worst_pairs(scores: list, k: int):
+    """Per prompt (k consecutive samples): (best index, worst index), or None when all k scores tie.
+    Best-vs-worst of k is our choice (as RLHFlow / Xiong et al. do), giving each prompt its clearest
+    pair; the paper only says it labels the samples with a reward model."""
+    out = []
+    for start in range(0, len(scores), k):
+        group = scores[start : start + k]
+        best, worst = max(range(k), key=group.__getitem__), min(range(k), key=group.__getitem__)
+        out.append(None if group[best] == group[worst] else (start + best, start + worst))
+    return out
 
 
-def load_policy(args, path: str):
-    """The trained policy: float32 weights (mixed precision from --bf16 autocast or DeepSpeed)."""
-    model = load_pretrained(AutoModelForCausalLM, path, torch.float32, args)
-    model = disable_dropout(model)
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-        model.config.use_cache = False
-    return model
+@torch.no_grad()
+def sample_responses(accelerator, model, tokenizer, prompt_ids: list, args) -> list:
+    """args.samples_per_prompt responses per prompt, in eval mode (gradient checkpointing drops the
+    KV cache in train mode), with exactly our sampling settings (none from generation_config.json).
+    Under ZeRO-3 the weights are gathered once for the whole rollout.
+    -> [(ids, finished)], prompt-major"""
+    unwrapped = accelerator.unwrap_model(model)
+    config = generation_config(
+        tokenizer, args.max_new_tokens, True, args.temperature, args.top_k, args.top_p
+    )
+    config.num_return_sequences = args.samples_per_prompt
+    original, unwrapped.generation_config = unwrapped.generation_config, config
+    model.eval()
+    out = []
+    with zero3_gathered(accelerator, unwrapped.parameters()), accelerator.autocast():
+        for start in range(0, len(prompt_ids), args.generation_batch_size):
+            chunk = prompt_ids[start : start + args.generation_batch_size]
+            ids = pad(chunk, tokenizer.pad_token_id, "left").to(accelerator.device)
+            mask = pad([[1] * len(p) for p in chunk], 0, "left").to(accelerator.device)
+            generated = unwrapped.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=False
+            )
+            # each response up to and including its first EOS (a response without one: all of it)
+            responses, kept, finished = truncate_after_eos(
+                generated[:, ids.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id
+            )
+            lengths = kept.sum(-1).tolist()
+            out += [(r[:n], f) for r, n, f in zip(responses.tolist(), lengths, finished.tolist())]
+    # the saved model keeps its own generation_config
+    unwrapped.generation_config = original
+    return out
 
 
-def load_frozen(args, accelerator, cls, path: str, policy_copy: bool = False):
-    """A frozen model (reference, reward model): bfloat16 under --bf16; ZeRO-3 gives it an engine.
-    policy_copy (the reference is the checkpoint the policy starts from): the policy's own weight
-    dtype, float32 under --bf16 autocast (bf16 under DeepSpeed, whose bf16 casts the policy's
-    module), so step 0 is an exact identity, every margin 0; a bf16 copy under autocast rounds
-    norms, embeddings and the residual stream differently. It costs 2x a bf16 reference's memory
-    (with --precompute_ref_logps it is freed before the policy loads)."""
-    bf16 = args.bf16 and (not policy_copy or accelerator.state.deepspeed_plugin is not None)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    return prepare_frozen(accelerator, load_pretrained(cls, path, dtype, args))
+@torch.no_grad()
+def score_samples(
+    accelerator, args, tokenizer, reward_fn, reward_model, rm_tokenizer, prompts, samples
+) -> list:
+    """One score per sample from the reward function or the reward model (its scalar head at the
+    last real token), then the missing-EOS penalty (Tulu 2.5 App. F, as in ppo.py)."""
+    finished = [f for _, f in samples]
+    rows = [(p["prompt"], p["prompt_ids"], ids) for p, (ids, _) in zip(prompts, samples)]
+    if reward_fn is not None:
+        texts, completions = zip(*[labeller_texts(tokenizer, *row) for row in rows])
+        scores = call_reward_fn(reward_fn, list(texts), list(completions), finished)
+    else:
+        sequences = [
+            reward_model_inputs(tokenizer, rm_tokenizer, *row, f) for row, f in zip(rows, finished)
+        ]
+        pad_id = (rm_tokenizer or tokenizer).pad_token_id
+        scores = []
+        for start in range(0, len(sequences), args.per_device_eval_batch_size):
+            chunk = sequences[start : start + args.per_device_eval_batch_size]
+            ids = pad(chunk, pad_id).to(accelerator.device)
+            mask = pad([[1] * len(s) for s in chunk], 0).to(accelerator.device)
+            with accelerator.autocast():
+                per_token = score_tokens(reward_model, ids, mask)
+            scores += per_token[torch.arange(len(chunk)), last_token_index(mask)].float().tolist()
+    penalty = args.missing_eos_penalty
+    return apply_missing_eos_penalty(torch.tensor(scores), torch.tensor(finished), penalty).tolist()
 
 
-def find_iteration(accelerator, output_dir, resume_from_checkpoint: str | None):
-    """DPO-Iter resumes after the last complete iter_K (its policy saved, then iteration.json written
-    by save_iteration); a later, incomplete iter_K (a run stopped in it) runs again, and is named.
-    -> (first iteration to run, global step, policy path or None)."""
-    if resume_from_checkpoint is None:
-        return 1, 0, None
-    ks = sorted(int(p.name[5:]) for p in Path(output_dir).glob("iter_*") if p.name[5:].isdigit())
-    paths = [Path(output_dir) / f"iter_{k}" for k in ks]
-    while paths and not (paths[-1] / "iteration.json").exists():
-        accelerator.print(f"{paths.pop()} is incomplete (no iteration.json): it runs again")
-    if not paths:
-        raise DataError(
-            f"--resume_from_checkpoint: no complete DPO-Iter iteration (iter_K/iteration.json) in "
-            f"{output_dir}"
-        )
-    try:
-        step = int(json.loads((paths[-1] / "iteration.json").read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        cause = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        raise DataError(f"{paths[-1]}: cannot resume after it (iteration.json: {cause})") from None
-    return int(paths[-1].name[5:]) + 1, step, str(paths[-1])
-
-
-def save_iteration(iter_dir: Path, pairs: list, record: dict):
-    """iter_K's pairs.jsonl, then iteration.json, which marks iter_K complete (find_iteration); after
-    its policy, each under a temporary name and renamed. A failed write stops with one line. Main
-    process."""
-    texts = {
-        "pairs.jsonl": "".join(json.dumps(pair["record"]) + "\n" for pair in pairs),
-        "iteration.json": json.dumps(record),
-    }
-    for name, text in texts.items():
-        tmp = iter_dir / f"{name}.tmp"
+def build_iteration_pairs(accelerator, args, policy, tokenizer, prompts: list, score, name: str):
+    """Sample k responses per prompt from the current policy (each process a share of the prompts),
+    score them, and pair each prompt's best response (chosen) with its worst (rejected); prompts
+    whose samples all tie, or whose best and worst are the same text, are skipped and counted."""
+    k = args.samples_per_prompt
+    error = None
+    with accelerator.split_between_processes(list(range(len(prompts))), apply_padding=True) as mine:
+        mine_ids = [prompts[i]["prompt_ids"] for i in mine]
+        samples = sample_responses(accelerator, policy, tokenizer, mine_ids, args)
+        owners = [i for i in mine for _ in range(k)]
+        # A labelling error stops every process, not only the one whose samples failed.
         try:
-            tmp.write_text(text)
-        except OSError as e:  # a full disk
-            tmp.unlink(missing_ok=True)
-            raise DataError(
-                f"cannot write {iter_dir / name} ({write_error(e, iter_dir)})"
-            ) from None
-        tmp.replace(iter_dir / name)
+            scores = score([prompts[i] for i in owners], samples)
+        except DataError as e:
+            error, scores = str(e), [0.0] * len(samples)
+        local = [(i, ids, f, s) for i, (ids, f), s in zip(owners, samples, scores)]
+    errors = [e for e in gather_object([error]) if e]
+    if errors:
+        raise DataError(errors[0])
+    gathered = gather_object(local)
+    # a reward model's NaN stops the run here
+    check_finite(torch.tensor([s for *_, s in gathered]), f"{name} reward", 0)
+    by_prompt = {}
+    for i, ids, finished, s in gathered:
+        by_prompt.setdefault(i, []).append((ids, finished, s))
+    # padding duplicated some prompts: keep one copy
+    groups = {i: by_prompt[i][:k] for i in sorted(by_prompt)}
+    all_scores = [s for group in groups.values() for _, _, s in group]
+    pairs, n_truncated, n_dropped, n_ties, n_identical, n_unfinished_chosen = [], 0, 0, 0, 0, 0
+    for i, group in groups.items():
+        choice = best_worst_pairs([s for _, _, s in group], k)[0]
+        if choice is None:
+            n_ties += 1
+            continue
+        (best_ids, best_finished, best), (worst_ids, _, worst) = group[choice[0]], group[choice[1]]
+        if best_ids == worst_ids:
+            n_identical += 1
+            continue
+        out = make_pair(prompts[i]["prompt_ids"], best_ids, worst_ids, args.max_length, None)
+        if out is None:
+            n_dropped += 1
+            continue
+        pair, truncated = out
+        p = prompts[i]
+        text, chosen = labeller_texts(tokenizer, p["prompt"], p["prompt_ids"], best_ids)
+        rejected = labeller_texts(tokenizer, p["prompt"], p["prompt_ids"], worst_ids)[1]
+        pair["record"] = {  # for iter_K/pairs.jsonl: what the labeller read
+            "prompt": text,
+            "chosen": chosen,
+            "chosen_score": best,
+            "rejected": rejected,
+            "rejected_score": worst,
+        }
+        pairs.append(pair)
+        n_truncated += truncated
+        n_unfinished_chosen += not best_finished
+    unfinished = sum(not f for g in groups.values() for _, f, _ in g) / max(len(all_scores), 1)
+    accelerator.print(
+        f"{name}: {len(pairs)} pairs from {len(groups)} prompts x {k} samples, "
+        f"{n_ties} skipped (all samples tied), {n_identical} skipped (best and worst identical), "
+        f"{n_truncated} truncated, {n_dropped} dropped; {unfinished:.0%} of samples unfinished"
+    )
+    stats = {
+        "pairs": len(pairs),
+        "ties_skipped": n_ties,
+        "identical_skipped": n_identical,
+        "scores_mean": sum(all_scores) / len(all_scores),
+        "unfinished": unfinished,
+        "unfinished_chosen": n_unfinished_chosen / max(len(pairs), 1),
+    }
+    if not pairs:
+        raise DataError(
+            f"{name}: every prompt's {k} samples got the same score (or the same text); "
+            "no preference pair to train on"
+        )
+    return pairs, stats
+
+
+# ---- main ----
 
 
 def main(args: Args):
@@ -903,6 +798,116 @@ def main(args: Args):
         accelerator.free_memory()
         policy_path = str(iter_dir)
     end_training(accelerator)
+
+
+# ---- this stage's plumbing (not shared) ----
+
+
+def check_args(args: Args) -> bool:
+    """Argument mistakes, one line each, before anything loads. -> whether this is DPO-Iter."""
+    online = args.reward_model_name_or_path is not None or args.reward_fn is not None
+    positive = ("per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "logging_steps", "eval_steps", "max_length",
+                "max_new_tokens", "generation_batch_size", "iterations")  # fmt: skip
+    check_common_args(args, positive)
+    if not args.beta > 0:
+        raise DataError(f"--beta must be > 0, got {args.beta}")
+    if args.weight_decay < 0 or not args.max_grad_norm > 0:
+        raise DataError("--weight_decay must be >= 0 and --max_grad_norm > 0")
+    if not 0 <= args.label_smoothing < 0.5:
+        raise DataError(f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    if args.loss_type == "ipo" and args.label_smoothing > 0:
+        raise DataError(
+            "--label_smoothing applies to the sigmoid loss (conservative DPO), not to ipo"
+        )
+    if not args.temperature > 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise DataError("--temperature must be > 0, --top_p within (0, 1], --top_k >= 0")
+    if args.missing_eos_penalty is not None and not math.isfinite(args.missing_eos_penalty):
+        raise DataError(
+            f"--missing_eos_penalty must be a finite number, got {args.missing_eos_penalty}"
+        )
+    if args.reward_model_name_or_path is not None and args.reward_fn is not None:
+        raise DataError("give either --reward_model_name_or_path or --reward_fn, not both")
+    if args.iterations > 1 and not online:
+        raise DataError(
+            "--iterations > 1 (DPO-Iter) needs --reward_model_name_or_path or --reward_fn to label "
+            "samples"
+        )
+    if online and args.samples_per_prompt < 2:
+        raise DataError("DPO-Iter needs --samples_per_prompt >= 2 to form a best/worst pair")
+    if args.eval_only and (args.eval_split is None or online):
+        raise DataError(
+            "--eval_only evaluates preference pairs: it needs --eval_split and no reward "
+            "model/function"
+        )
+    if args.ref_model_name_or_path:
+        check_model_path(args.ref_model_name_or_path, "reference model")
+    return online
+
+
+def load_policy(args, path: str):
+    """The trained policy: float32 weights (mixed precision from --bf16 autocast or DeepSpeed)."""
+    model = load_pretrained(AutoModelForCausalLM, path, torch.float32, args)
+    model = disable_dropout(model)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+def load_frozen(args, accelerator, cls, path: str, policy_copy: bool = False):
+    """A frozen model (reference, reward model): bfloat16 under --bf16; ZeRO-3 gives it an engine.
+    policy_copy (the reference is the checkpoint the policy starts from): the policy's own weight
+    dtype, float32 under --bf16 autocast (bf16 under DeepSpeed, whose bf16 casts the policy's
+    module), so step 0 is an exact identity, every margin 0; a bf16 copy under autocast rounds
+    norms, embeddings and the residual stream differently. It costs 2x a bf16 reference's memory
+    (with --precompute_ref_logps it is freed before the policy loads)."""
+    bf16 = args.bf16 and (not policy_copy or accelerator.state.deepspeed_plugin is not None)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return prepare_frozen(accelerator, load_pretrained(cls, path, dtype, args))
+
+
+def find_iteration(accelerator, output_dir, resume_from_checkpoint: str | None):
+    """DPO-Iter resumes after the last complete iter_K (its policy saved, then iteration.json written
+    by save_iteration); a later, incomplete iter_K (a run stopped in it) runs again, and is named.
+    -> (first iteration to run, global step, policy path or None)."""
+    if resume_from_checkpoint is None:
+        return 1, 0, None
+    ks = sorted(int(p.name[5:]) for p in Path(output_dir).glob("iter_*") if p.name[5:].isdigit())
+    paths = [Path(output_dir) / f"iter_{k}" for k in ks]
+    while paths and not (paths[-1] / "iteration.json").exists():
+        accelerator.print(f"{paths.pop()} is incomplete (no iteration.json): it runs again")
+    if not paths:
+        raise DataError(
+            f"--resume_from_checkpoint: no complete DPO-Iter iteration (iter_K/iteration.json) in "
+            f"{output_dir}"
+        )
+    try:
+        step = int(json.loads((paths[-1] / "iteration.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        cause = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        raise DataError(f"{paths[-1]}: cannot resume after it (iteration.json: {cause})") from None
+    return int(paths[-1].name[5:]) + 1, step, str(paths[-1])
+
+
+def save_iteration(iter_dir: Path, pairs: list, record: dict):
+    """iter_K's pairs.jsonl, then iteration.json, which marks iter_K complete (find_iteration); after
+    its policy, each under a temporary name and renamed. A failed write stops with one line. Main
+    process."""
+    texts = {
+        "pairs.jsonl": "".join(json.dumps(pair["record"]) + "\n" for pair in pairs),
+        "iteration.json": json.dumps(record),
+    }
+    for name, text in texts.items():
+        tmp = iter_dir / f"{name}.tmp"
+        try:
+            tmp.write_text(text)
+        except OSError as e:  # a full disk
+            tmp.unlink(missing_ok=True)
+            raise DataError(
+                f"cannot write {iter_dir / name} ({write_error(e, iter_dir)})"
+            ) from None
+        tmp.replace(iter_dir / name)
 
 
 # ---- shared helpers: identical in every script that has them (tests/test_shared_helpers.py) ----
