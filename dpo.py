@@ -506,6 +506,30 @@ def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list,
     return start + done
 
 
+def dpo_update(args, accelerator, log, tokenizer, policy, policy_path, ref_path, train, evals,
+               step, resume_from, checkpoints, save_to) -> int:  # fmt: skip
+    """DPO on fixed pairs: plain DPO's whole run, one DPO-Iter iteration's update. The frozen
+    reference first (with --precompute_ref_logps it scores the pairs once and is freed), then the
+    policy (unless DPO-Iter's rollout loaded it), then train_dpo. -> the final global step"""
+    t0 = time.time()
+    same = ref_path == policy_path  # the policy's start: step 0 is an identity in any precision
+    ref_model = load_frozen(args, accelerator, AutoModelForCausalLM, ref_path, same)
+    if args.precompute_ref_logps:
+        # the reference runs once over the pairs and is freed: one model at a time
+        batch, pad_id = args.per_device_eval_batch_size, tokenizer.pad_token_id
+        for pairs in (train, evals):
+            compute_ref_logps(accelerator, ref_model, pairs, batch, pad_id)
+        ref_model = None
+        accelerator.print(
+            f"precomputed reference log-probs of {len(train) + len(evals)} pairs in "
+            f"{time.time() - t0:.1f}s; the reference model is freed before the policy loads"
+        )
+    policy = policy or load_policy(args, policy_path)
+    set_seed(args.seed)  # the same data order on every process
+    return train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train, evals, step,
+                     resume_from, checkpoints, save_to)  # fmt: skip
+
+
 # ---- DPO-Iter (iterative DPO, the paper's Sec. 4.3) ----
 # Each iteration samples k responses per prompt from the current policy, scores them, pairs the
 # best with the worst, and trains DPO (train_dpo) on those pairs; see main()'s loop.
@@ -662,6 +686,27 @@ def build_iteration_pairs(accelerator, args, policy, tokenizer, prompts: list, s
     return pairs, stats
 
 
+def rollout_pairs(
+    args, accelerator, log, tokenizer, policy_path, train, evals, score, iteration, step
+):
+    """DPO-Iter's rollout: load the current policy, sample from it, label, pair the best with the
+    worst (train and eval prompts), and log the iteration's pair counts and mean score.
+    -> (policy, which then trains on them, train pairs, eval pairs, stats)"""
+    policy = load_policy(args, policy_path)
+    if accelerator.state.deepspeed_plugin is None:
+        policy.to(accelerator.device)
+    # each process its own noise
+    torch.manual_seed(args.seed + iteration + 100003 * accelerator.process_index)
+    build = partial(build_iteration_pairs, accelerator, args, policy, tokenizer)
+    tag = f"iteration {iteration}"
+    train_pairs, stats = build(train, score, f"{tag} train")
+    eval_pairs = build(evals, score, f"{tag} eval")[0] if evals else []
+    names = ("pairs", "ties_skipped", "unfinished", "unfinished_chosen")
+    metrics = {"iteration": iteration, **{f"iteration/{n}": stats[n] for n in names}}
+    log.log({**metrics, "objective/scores": stats["scores_mean"]}, step)
+    return policy, train_pairs, eval_pairs, stats
+
+
 # ---- main ----
 
 
@@ -726,64 +771,31 @@ def main(args: Args):
         end_training(accelerator)
         return
 
-    # ---- the labeller of DPO-Iter's samples: a reward model or a reward function ----
-    reward_model = None
-    rm_tokenizer = load_reward_tokenizer(args, tokenizer)  # None: the policy's vocabulary
-    if rm_path := args.reward_model_name_or_path:
-        reward_model = load_frozen(args, accelerator, AutoModelForSequenceClassification, rm_path)
-        # score_tokens runs HF's forward, which needs a pad id to batch (its pooling is not used)
-        rm_config = getattr(reward_model, "module", reward_model).config
-        rm_config.pad_token_id = (rm_tokenizer or tokenizer).pad_token_id
-
-    score = partial(
-        score_samples, accelerator, args, tokenizer, reward_fn, reward_model, rm_tokenizer
-    )
-
+    # ---- DPO-Iter's labeller of the samples: a reward model or a reward function ----
+    score = load_labeller(args, accelerator, tokenizer, reward_fn) if online else None
     if policy_path is not None:
         accelerator.print(f"resumed after iteration {first - 1} (step {step}) from {policy_path}")
-    # One path: DPO is a single iteration on the dataset's pairs; DPO-Iter (Sec. 4.3) runs
-    # --iterations of sample, label, DPO, and each trained policy is the next reference.
+
+    # Plain DPO is one iteration of this loop: the update alone, on the dataset's pairs. DPO-Iter
+    # (Sec. 4.3) runs --iterations of rollout (sample, label, pair), update, save; each trained
+    # policy is the next iteration's reference.
     for iteration in range(first, args.iterations + 1):
-        iter_dir, tag = Path(args.output_dir) / f"iter_{iteration}", f"iteration {iteration}"
+        iter_dir = Path(args.output_dir) / f"iter_{iteration}"
         # Iteration 1's reference is --ref_model_name_or_path or the initial policy; later
         # iterations' is the policy the previous iteration trained.
         ref_at = ref_path if iteration == 1 else policy_path
         policy_path = policy_path or args.model_name_or_path
-        policy = None
-        train_pairs, eval_pairs = train, evals
-        if online:
-            # ---- rollout: sample from the current policy, label, pair best with worst ----
-            policy = load_policy(args, policy_path)
-            if accelerator.state.deepspeed_plugin is None:
-                policy.to(accelerator.device)
-            # each process its own noise
-            torch.manual_seed(args.seed + iteration + 100003 * accelerator.process_index)
-            build = partial(build_iteration_pairs, accelerator, args, policy, tokenizer)
-            train_pairs, stats = build(train, score, f"{tag} train")
-            eval_pairs = build(evals, score, f"{tag} eval")[0] if evals else []
-            names = ("pairs", "ties_skipped", "unfinished", "unfinished_chosen")
-            metrics = {"iteration": iteration, **{f"iteration/{n}": stats[n] for n in names}}
-            log.log({**metrics, "objective/scores": stats["scores_mean"]}, step)
-        # ---- update: DPO on this iteration's pairs ----
-        t0 = time.time()
-        same = ref_at == policy_path  # the policy's start: step 0 is an identity in any precision
-        ref_model = load_frozen(args, accelerator, AutoModelForCausalLM, ref_at, same)
-        if args.precompute_ref_logps:
-            # the reference runs once over the pairs and is freed: one model at a time
-            for pairs in (train_pairs, eval_pairs):
-                compute_ref_logps(accelerator, ref_model, pairs, eval_batch, tokenizer.pad_token_id)
-            ref_model = None
-            accelerator.print(
-                f"precomputed reference log-probs of {len(train_pairs) + len(eval_pairs)} pairs in "
-                f"{time.time() - t0:.1f}s; the reference model is freed before the policy loads"
+        policy, train_pairs, eval_pairs = None, train, evals
+        if online:  # ---- rollout (DPO-Iter): sample from the current policy, label, pair ----
+            policy, train_pairs, eval_pairs, stats = rollout_pairs(
+                args, accelerator, log, tokenizer, policy_path, train, evals, score, iteration, step
             )
-        policy = policy or load_policy(args, policy_path)
-        set_seed(args.seed)  # the same data order on every process
+        # ---- update: DPO on this iteration's pairs ----
         # DPO-Iter keeps no step checkpoints: it resumes after its last complete iteration
         save_to = (iter_dir,) * online + (args.output_dir,) * (iteration == args.iterations)
-        step = train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train_pairs,
-                         eval_pairs, step, resume_from, not online, save_to)  # fmt: skip
-        # ---- save: train_dpo saved the policy; then pairs.jsonl and iteration.json (done) ----
+        step = dpo_update(args, accelerator, log, tokenizer, policy, policy_path, ref_at,
+                          train_pairs, eval_pairs, step, resume_from, not online, save_to)  # fmt: skip
+        # ---- save (DPO-Iter): dpo_update saved the policy; pairs.jsonl, iteration.json (done) ----
         if online:
             record = {"iteration": iteration, "step": step, "reference": str(ref_at), **stats}
             on_main(accelerator, save_iteration, iter_dir, train_pairs, record)
@@ -794,7 +806,7 @@ def main(args: Args):
             raise KeyboardInterrupt
         STOP.deferred = False
         # drop this iteration's engine, optimizer and wrappers before the next
-        del policy, ref_model
+        del policy
         accelerator.free_memory()
         policy_path = str(iter_dir)
     end_training(accelerator)
@@ -865,6 +877,21 @@ def load_frozen(args, accelerator, cls, path: str, policy_copy: bool = False):
     bf16 = args.bf16 and (not policy_copy or accelerator.state.deepspeed_plugin is not None)
     dtype = torch.bfloat16 if bf16 else torch.float32
     return prepare_frozen(accelerator, load_pretrained(cls, path, dtype, args))
+
+
+def load_labeller(args, accelerator, tokenizer, reward_fn):
+    """DPO-Iter's labeller, score(prompts, samples) -> scores (score_samples): the reward function,
+    or the frozen reward model with its own tokenizer when its vocabulary differs from the policy's."""
+    reward_model = None
+    rm_tokenizer = load_reward_tokenizer(args, tokenizer)  # None: the policy's vocabulary
+    if rm_path := args.reward_model_name_or_path:
+        reward_model = load_frozen(args, accelerator, AutoModelForSequenceClassification, rm_path)
+        # score_tokens runs HF's forward, which needs a pad id to batch (its pooling is not used)
+        rm_config = getattr(reward_model, "module", reward_model).config
+        rm_config.pad_token_id = (rm_tokenizer or tokenizer).pad_token_id
+    return partial(
+        score_samples, accelerator, args, tokenizer, reward_fn, reward_model, rm_tokenizer
+    )
 
 
 def find_iteration(accelerator, output_dir, resume_from_checkpoint: str | None):
