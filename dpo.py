@@ -266,168 +266,6 @@ def pair_stats(model, ref_model, batch, args):
     return losses, torch.stack([s.detach() for s in stats], dim=-1)
 
 
-# ---- DPO-Iter (Sec. 4.3): sample from the policy, score, pair the best with the worst ----
-
-
-def best_worst_pairs(scores: list, k: int):
-    """Per prompt (k consecutive samples): (best index, worst index), or None when all k scores tie.
-    Best-vs-worst of k is our choice (as RLHFlow / Xiong et al. do), giving each prompt its clearest
-    pair; the paper only says it labels the samples with a reward model."""
-    out = []
-    for start in range(0, len(scores), k):
-        group = scores[start : start + k]
-        best, worst = max(range(k), key=group.__getitem__), min(range(k), key=group.__getitem__)
-        out.append(None if group[best] == group[worst] else (start + best, start + worst))
-    return out
-
-
-def first_eos_cut(ids: list, eos_id: int):
-    """A sampled response up to and including its first EOS (the rest is padding).
-    -> (ids, finished)"""
-    return (ids[: ids.index(eos_id) + 1], True) if eos_id in ids else (ids, False)
-
-
-@torch.no_grad()
-def sample_responses(accelerator, model, tokenizer, prompt_ids: list, args) -> list:
-    """args.samples_per_prompt responses per prompt, in eval mode (gradient checkpointing drops the
-    KV cache in train mode), with exactly our sampling settings (none from generation_config.json).
-    Under ZeRO-3 the weights are gathered once for the whole rollout.
-    -> [(ids, finished)], prompt-major"""
-    unwrapped = accelerator.unwrap_model(model)
-    config = generation_config(
-        tokenizer, args.max_new_tokens, True, args.temperature, args.top_k, args.top_p
-    )
-    config.num_return_sequences = args.samples_per_prompt
-    original, unwrapped.generation_config = unwrapped.generation_config, config
-    plugin = accelerator.state.deepspeed_plugin
-    gathered = contextlib.nullcontext()
-    if plugin is not None and plugin.zero_stage == 3:
-        import deepspeed  # only needed (and only importable) under DeepSpeed
-
-        gathered = deepspeed.zero.GatheredParameters(list(unwrapped.parameters()))
-    model.eval()
-    out = []
-    with gathered, accelerator.autocast():
-        for start in range(0, len(prompt_ids), args.generation_batch_size):
-            chunk = prompt_ids[start : start + args.generation_batch_size]
-            ids = pad(chunk, tokenizer.pad_token_id, "left").to(accelerator.device)
-            mask = pad([[1] * len(p) for p in chunk], 0, "left").to(accelerator.device)
-            generated = unwrapped.generate(
-                input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=False
-            )
-            responses = generated[:, ids.shape[1] :].tolist()
-            out += [first_eos_cut(r, tokenizer.eos_token_id) for r in responses]
-    # the saved model keeps its own generation_config
-    unwrapped.generation_config = original
-    return out
-
-
-@torch.no_grad()
-def score_samples(
-    accelerator, args, tokenizer, reward_fn, reward_model, rm_tokenizer, prompts, samples
-) -> list:
-    """One score per sample from the reward function or the reward model (its scalar head at the
-    last real token), then the missing-EOS penalty (Tulu 2.5 App. F, as in ppo.py)."""
-    finished = [f for _, f in samples]
-    rows = [(p["prompt"], p["prompt_ids"], ids) for p, (ids, _) in zip(prompts, samples)]
-    if reward_fn is not None:
-        texts, completions = zip(*[labeller_texts(tokenizer, *row) for row in rows])
-        scores = call_reward_fn(reward_fn, list(texts), list(completions), finished)
-    else:
-        sequences = [
-            reward_model_inputs(tokenizer, rm_tokenizer, *row, f) for row, f in zip(rows, finished)
-        ]
-        pad_id = (rm_tokenizer or tokenizer).pad_token_id
-        scores = []
-        for start in range(0, len(sequences), args.per_device_eval_batch_size):
-            chunk = sequences[start : start + args.per_device_eval_batch_size]
-            ids = pad(chunk, pad_id).to(accelerator.device)
-            mask = pad([[1] * len(s) for s in chunk], 0).to(accelerator.device)
-            with accelerator.autocast():
-                per_token = score_tokens(reward_model, ids, mask)
-            scores += per_token[torch.arange(len(chunk)), last_token_index(mask)].float().tolist()
-    penalty = args.missing_eos_penalty
-    return apply_missing_eos_penalty(torch.tensor(scores), torch.tensor(finished), penalty).tolist()
-
-
-def build_iteration_pairs(accelerator, args, policy, tokenizer, prompts: list, score, name: str):
-    """Sample k responses per prompt from the current policy (each process a share of the prompts),
-    score them, and pair each prompt's best response (chosen) with its worst (rejected); prompts
-    whose samples all tie, or whose best and worst are the same text, are skipped and counted."""
-    k = args.samples_per_prompt
-    error = None
-    with accelerator.split_between_processes(list(range(len(prompts))), apply_padding=True) as mine:
-        mine_ids = [prompts[i]["prompt_ids"] for i in mine]
-        samples = sample_responses(accelerator, policy, tokenizer, mine_ids, args)
-        owners = [i for i in mine for _ in range(k)]
-        # A labelling error stops every process, not only the one whose samples failed.
-        try:
-            scores = score([prompts[i] for i in owners], samples)
-        except DataError as e:
-            error, scores = str(e), [0.0] * len(samples)
-        local = [(i, ids, f, s) for i, (ids, f), s in zip(owners, samples, scores)]
-    errors = [e for e in gather_object([error]) if e]
-    if errors:
-        raise DataError(errors[0])
-    gathered = gather_object(local)
-    # a reward model's NaN stops the run here
-    check_finite(torch.tensor([s for *_, s in gathered]), f"{name} reward", 0)
-    by_prompt = {}
-    for i, ids, finished, s in gathered:
-        by_prompt.setdefault(i, []).append((ids, finished, s))
-    # padding duplicated some prompts: keep one copy
-    groups = {i: by_prompt[i][:k] for i in sorted(by_prompt)}
-    all_scores = [s for group in groups.values() for _, _, s in group]
-    pairs, n_truncated, n_dropped, n_ties, n_identical, n_unfinished_chosen = [], 0, 0, 0, 0, 0
-    for i, group in groups.items():
-        choice = best_worst_pairs([s for _, _, s in group], k)[0]
-        if choice is None:
-            n_ties += 1
-            continue
-        (best_ids, best_finished, best), (worst_ids, _, worst) = group[choice[0]], group[choice[1]]
-        if best_ids == worst_ids:
-            n_identical += 1
-            continue
-        out = make_pair(prompts[i]["prompt_ids"], best_ids, worst_ids, args.max_length, None)
-        if out is None:
-            n_dropped += 1
-            continue
-        pair, truncated = out
-        p = prompts[i]
-        text, chosen = labeller_texts(tokenizer, p["prompt"], p["prompt_ids"], best_ids)
-        rejected = labeller_texts(tokenizer, p["prompt"], p["prompt_ids"], worst_ids)[1]
-        pair["record"] = {  # for iter_K/pairs.jsonl: what the labeller read
-            "prompt": text,
-            "chosen": chosen,
-            "chosen_score": best,
-            "rejected": rejected,
-            "rejected_score": worst,
-        }
-        pairs.append(pair)
-        n_truncated += truncated
-        n_unfinished_chosen += not best_finished
-    unfinished = sum(not f for g in groups.values() for _, f, _ in g) / max(len(all_scores), 1)
-    accelerator.print(
-        f"{name}: {len(pairs)} pairs from {len(groups)} prompts x {k} samples, "
-        f"{n_ties} skipped (all samples tied), {n_identical} skipped (best and worst identical), "
-        f"{n_truncated} truncated, {n_dropped} dropped; {unfinished:.0%} of samples unfinished"
-    )
-    stats = {
-        "pairs": len(pairs),
-        "ties_skipped": n_ties,
-        "identical_skipped": n_identical,
-        "scores_mean": sum(all_scores) / len(all_scores),
-        "unfinished": unfinished,
-        "unfinished_chosen": n_unfinished_chosen / max(len(pairs), 1),
-    }
-    if not pairs:
-        raise DataError(
-            f"{name}: every prompt's {k} samples got the same score (or the same text); "
-            "no preference pair to train on"
-        )
-    return pairs, stats
-
-
 # ---- data: preference pairs and prompts ----
 
 
@@ -668,7 +506,313 @@ def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list,
     return start + done
 
 
+def dpo_update(args, accelerator, log, tokenizer, policy, policy_path, ref_path, train, evals,
+               step, resume_from, checkpoints, save_to) -> int:  # fmt: skip
+    """DPO on fixed pairs: plain DPO's whole run, one DPO-Iter iteration's update. The frozen
+    reference first (with --precompute_ref_logps it scores the pairs once and is freed), then the
+    policy (unless DPO-Iter's rollout loaded it), then train_dpo. -> the final global step"""
+    t0 = time.time()
+    same = ref_path == policy_path  # the policy's start: step 0 is an identity in any precision
+    ref_model = load_frozen(args, accelerator, AutoModelForCausalLM, ref_path, same)
+    if args.precompute_ref_logps:
+        # the reference runs once over the pairs and is freed: one model at a time
+        batch, pad_id = args.per_device_eval_batch_size, tokenizer.pad_token_id
+        for pairs in (train, evals):
+            compute_ref_logps(accelerator, ref_model, pairs, batch, pad_id)
+        ref_model = None
+        accelerator.print(
+            f"precomputed reference log-probs of {len(train) + len(evals)} pairs in "
+            f"{time.time() - t0:.1f}s; the reference model is freed before the policy loads"
+        )
+    policy = policy or load_policy(args, policy_path)
+    set_seed(args.seed)  # the same data order on every process
+    return train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train, evals, step,
+                     resume_from, checkpoints, save_to)  # fmt: skip
+
+
+# ---- DPO-Iter (iterative DPO, the paper's Sec. 4.3) ----
+# Each iteration samples k responses per prompt from the current policy, scores them, pairs the
+# best with the worst, and trains DPO (train_dpo) on those pairs; see main()'s loop.
+
+
+def best_worst_pairs(scores: list, k: int):
+    """Per prompt (k consecutive samples): (best index, worst index), or None when all k scores tie.
+    Best-vs-worst of k is our choice (as RLHFlow / Xiong et al. do), giving each prompt its clearest
+    pair; the paper only says it labels the samples with a reward model."""
+    out = []
+    for start in range(0, len(scores), k):
+        group = scores[start : start + k]
+        best, worst = max(range(k), key=group.__getitem__), min(range(k), key=group.__getitem__)
+        out.append(None if group[best] == group[worst] else (start + best, start + worst))
+    return out
+
+
+@torch.no_grad()
+def sample_responses(accelerator, model, tokenizer, prompt_ids: list, args) -> list:
+    """args.samples_per_prompt responses per prompt, in eval mode (gradient checkpointing drops the
+    KV cache in train mode), with exactly our sampling settings (none from generation_config.json).
+    Under ZeRO-3 the weights are gathered once for the whole rollout.
+    -> [(ids, finished)], prompt-major"""
+    unwrapped = accelerator.unwrap_model(model)
+    config = generation_config(
+        tokenizer, args.max_new_tokens, True, args.temperature, args.top_k, args.top_p
+    )
+    config.num_return_sequences = args.samples_per_prompt
+    original, unwrapped.generation_config = unwrapped.generation_config, config
+    model.eval()
+    out = []
+    with zero3_gathered(accelerator, unwrapped.parameters()), accelerator.autocast():
+        for start in range(0, len(prompt_ids), args.generation_batch_size):
+            chunk = prompt_ids[start : start + args.generation_batch_size]
+            ids = pad(chunk, tokenizer.pad_token_id, "left").to(accelerator.device)
+            mask = pad([[1] * len(p) for p in chunk], 0, "left").to(accelerator.device)
+            generated = unwrapped.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=False
+            )
+            # each response up to and including its first EOS (a response without one: all of it)
+            responses, kept, finished = truncate_after_eos(
+                generated[:, ids.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id
+            )
+            lengths = kept.sum(-1).tolist()
+            out += [(r[:n], f) for r, n, f in zip(responses.tolist(), lengths, finished.tolist())]
+    # the saved model keeps its own generation_config
+    unwrapped.generation_config = original
+    return out
+
+
+@torch.no_grad()
+def score_samples(
+    accelerator, args, tokenizer, reward_fn, reward_model, rm_tokenizer, prompts, samples
+) -> list:
+    """One score per sample from the reward function or the reward model (its scalar head at the
+    last real token), then the missing-EOS penalty (Tulu 2.5 App. F, as in ppo.py)."""
+    finished = [f for _, f in samples]
+    rows = [(p["prompt"], p["prompt_ids"], ids) for p, (ids, _) in zip(prompts, samples)]
+    if reward_fn is not None:
+        texts, completions = zip(*[labeller_texts(tokenizer, *row) for row in rows])
+        scores = call_reward_fn(reward_fn, list(texts), list(completions), finished)
+    else:
+        sequences = [
+            reward_model_inputs(tokenizer, rm_tokenizer, *row, f) for row, f in zip(rows, finished)
+        ]
+        pad_id = (rm_tokenizer or tokenizer).pad_token_id
+        scores = []
+        for start in range(0, len(sequences), args.per_device_eval_batch_size):
+            chunk = sequences[start : start + args.per_device_eval_batch_size]
+            ids = pad(chunk, pad_id).to(accelerator.device)
+            mask = pad([[1] * len(s) for s in chunk], 0).to(accelerator.device)
+            with accelerator.autocast():
+                per_token = score_tokens(reward_model, ids, mask)
+            scores += per_token[torch.arange(len(chunk)), last_token_index(mask)].float().tolist()
+    penalty = args.missing_eos_penalty
+    return apply_missing_eos_penalty(torch.tensor(scores), torch.tensor(finished), penalty).tolist()
+
+
+def build_iteration_pairs(accelerator, args, policy, tokenizer, prompts: list, score, name: str):
+    """Sample k responses per prompt from the current policy (each process a share of the prompts),
+    score them, and pair each prompt's best response (chosen) with its worst (rejected); prompts
+    whose samples all tie, or whose best and worst are the same text, are skipped and counted."""
+    k = args.samples_per_prompt
+    error = None
+    with accelerator.split_between_processes(list(range(len(prompts))), apply_padding=True) as mine:
+        mine_ids = [prompts[i]["prompt_ids"] for i in mine]
+        samples = sample_responses(accelerator, policy, tokenizer, mine_ids, args)
+        owners = [i for i in mine for _ in range(k)]
+        # A labelling error stops every process, not only the one whose samples failed.
+        try:
+            scores = score([prompts[i] for i in owners], samples)
+        except DataError as e:
+            error, scores = str(e), [0.0] * len(samples)
+        local = [(i, ids, f, s) for i, (ids, f), s in zip(owners, samples, scores)]
+    errors = [e for e in gather_object([error]) if e]
+    if errors:
+        raise DataError(errors[0])
+    gathered = gather_object(local)
+    # a reward model's NaN stops the run here
+    check_finite(torch.tensor([s for *_, s in gathered]), f"{name} reward", 0)
+    by_prompt = {}
+    for i, ids, finished, s in gathered:
+        by_prompt.setdefault(i, []).append((ids, finished, s))
+    # padding duplicated some prompts: keep one copy
+    groups = {i: by_prompt[i][:k] for i in sorted(by_prompt)}
+    all_scores = [s for group in groups.values() for _, _, s in group]
+    pairs, n_truncated, n_dropped, n_ties, n_identical, n_unfinished_chosen = [], 0, 0, 0, 0, 0
+    for i, group in groups.items():
+        choice = best_worst_pairs([s for _, _, s in group], k)[0]
+        if choice is None:
+            n_ties += 1
+            continue
+        (best_ids, best_finished, best), (worst_ids, _, worst) = group[choice[0]], group[choice[1]]
+        if best_ids == worst_ids:
+            n_identical += 1
+            continue
+        out = make_pair(prompts[i]["prompt_ids"], best_ids, worst_ids, args.max_length, None)
+        if out is None:
+            n_dropped += 1
+            continue
+        pair, truncated = out
+        p = prompts[i]
+        text, chosen = labeller_texts(tokenizer, p["prompt"], p["prompt_ids"], best_ids)
+        rejected = labeller_texts(tokenizer, p["prompt"], p["prompt_ids"], worst_ids)[1]
+        pair["record"] = {  # for iter_K/pairs.jsonl: what the labeller read
+            "prompt": text,
+            "chosen": chosen,
+            "chosen_score": best,
+            "rejected": rejected,
+            "rejected_score": worst,
+        }
+        pairs.append(pair)
+        n_truncated += truncated
+        n_unfinished_chosen += not best_finished
+    unfinished = sum(not f for g in groups.values() for _, f, _ in g) / max(len(all_scores), 1)
+    accelerator.print(
+        f"{name}: {len(pairs)} pairs from {len(groups)} prompts x {k} samples, "
+        f"{n_ties} skipped (all samples tied), {n_identical} skipped (best and worst identical), "
+        f"{n_truncated} truncated, {n_dropped} dropped; {unfinished:.0%} of samples unfinished"
+    )
+    stats = {
+        "pairs": len(pairs),
+        "ties_skipped": n_ties,
+        "identical_skipped": n_identical,
+        "scores_mean": sum(all_scores) / len(all_scores),
+        "unfinished": unfinished,
+        "unfinished_chosen": n_unfinished_chosen / max(len(pairs), 1),
+    }
+    if not pairs:
+        raise DataError(
+            f"{name}: every prompt's {k} samples got the same score (or the same text); "
+            "no preference pair to train on"
+        )
+    return pairs, stats
+
+
+def rollout_pairs(
+    args, accelerator, log, tokenizer, policy_path, train, evals, score, iteration, step
+):
+    """DPO-Iter's rollout: load the current policy, sample from it, label, pair the best with the
+    worst (train and eval prompts), and log the iteration's pair counts and mean score.
+    -> (policy, which then trains on them, train pairs, eval pairs, stats)"""
+    policy = load_policy(args, policy_path)
+    if accelerator.state.deepspeed_plugin is None:
+        policy.to(accelerator.device)
+    # each process its own noise
+    torch.manual_seed(args.seed + iteration + 100003 * accelerator.process_index)
+    build = partial(build_iteration_pairs, accelerator, args, policy, tokenizer)
+    tag = f"iteration {iteration}"
+    train_pairs, stats = build(train, score, f"{tag} train")
+    eval_pairs = build(evals, score, f"{tag} eval")[0] if evals else []
+    names = ("pairs", "ties_skipped", "unfinished", "unfinished_chosen")
+    metrics = {"iteration": iteration, **{f"iteration/{n}": stats[n] for n in names}}
+    log.log({**metrics, "objective/scores": stats["scores_mean"]}, step)
+    return policy, train_pairs, eval_pairs, stats
+
+
 # ---- main ----
+
+
+def main(args: Args):
+    # ---- arguments and labeller, checked before any model is loaded ----
+    online = check_args(args)
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+    if args.reward_model_name_or_path:
+        check_reward_model(args.reward_model_name_or_path, args.trust_remote_code)
+
+    # ---- accelerator, tokenizer and data: pairs (DPO) or prompts (DPO-Iter) ----
+    accelerator = make_accelerator(args, args.gradient_accumulation_steps)
+    describe_run(
+        accelerator, args.per_device_train_batch_size, args.gradient_accumulation_steps, "pairs"
+    )
+    set_seed(args.seed)
+    tokenizer = load_tokenizer(args)
+    eval_batch = args.per_device_eval_batch_size  # also the batch of reference-log-prob passes
+
+    def load_data(split: str, name: str) -> list:
+        ds = load_split(args.dataset_name, args.dataset_config, split)
+        limits = (args.max_length, args.max_prompt_length)
+        if online:
+            return tokenize_prompts(to_prompts(ds), tokenizer, *limits, name)
+        return tokenize_preference(to_preference(ds), tokenizer, *limits, name)
+
+    train = [] if args.eval_only else load_data(args.train_split, "train")
+    evals = load_data(args.eval_split, "eval") if args.eval_split else []
+
+    # ---- resume point (DPO: checkpoints/step_N; DPO-Iter: the last iter_K), output directory ----
+    # `step` is where the next iteration's global steps start; DPO's checkpoint carries its own
+    first, step, policy_path, resume_from, resume_step = 1, 0, None, None, 0
+    if online:
+        first, step, policy_path = find_iteration(
+            accelerator, args.output_dir, args.resume_from_checkpoint
+        )
+        resume_step = step
+    else:
+        resume_from = find_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint)
+        if resume_from is not None:
+            resume_step = json.loads((resume_from / "step.json").read_text())["step"]
+    resuming = resume_from or (Path(policy_path) if policy_path else None)
+    # refuse to mix runs (--overwrite_output_dir also clears iter_K, which a resume would pick up)
+    # and a resume must share the process count and the training data (pairs or prompts)
+    on_main(accelerator, prepare_output_dir, args, resuming, accelerator.num_processes, train)
+    if first > 1 and accelerator.is_main_process:  # the rows of a killed iteration `first`
+        keep_rows_up_to(Path(args.output_dir) / "metrics.jsonl", step, first - 1)
+    on_main(accelerator, start_tracker, accelerator, args, "dpo", resuming is not None)
+    log = MetricsLog(accelerator, args.output_dir, resume_step=resume_step)
+    ref_path = args.ref_model_name_or_path or args.model_name_or_path
+
+    if args.eval_only:  # DPO's eval pairs, the policy frozen too
+        ref_model = load_frozen(args, accelerator, AutoModelForCausalLM, ref_path)
+        if args.precompute_ref_logps:  # one model in memory at a time, as in training
+            compute_ref_logps(accelerator, ref_model, evals, eval_batch, tokenizer.pad_token_id)
+            ref_model = None
+        policy = load_frozen(args, accelerator, AutoModelForCausalLM, args.model_name_or_path)
+        eval_loader = accelerator.prepare(pair_loader(evals, eval_batch, tokenizer.pad_token_id))
+        metrics = evaluate(accelerator, policy, ref_model, eval_loader, args)
+        log.log(metrics, 0)
+        accelerator.print(json.dumps(metrics))
+        end_training(accelerator)
+        return
+
+    # ---- DPO-Iter's labeller of the samples: a reward model or a reward function ----
+    score = load_labeller(args, accelerator, tokenizer, reward_fn) if online else None
+    if policy_path is not None:
+        accelerator.print(f"resumed after iteration {first - 1} (step {step}) from {policy_path}")
+
+    # Plain DPO is one iteration of this loop: the update alone, on the dataset's pairs. DPO-Iter
+    # (Sec. 4.3) runs --iterations of rollout (sample, label, pair), update, save; each trained
+    # policy is the next iteration's reference.
+    for iteration in range(first, args.iterations + 1):
+        iter_dir = Path(args.output_dir) / f"iter_{iteration}"
+        # Iteration 1's reference is --ref_model_name_or_path or the initial policy; later
+        # iterations' is the policy the previous iteration trained.
+        ref_at = ref_path if iteration == 1 else policy_path
+        policy_path = policy_path or args.model_name_or_path
+        policy, train_pairs, eval_pairs = None, train, evals
+        if online:  # ---- rollout (DPO-Iter): sample from the current policy, label, pair ----
+            policy, train_pairs, eval_pairs, stats = rollout_pairs(
+                args, accelerator, log, tokenizer, policy_path, train, evals, score, iteration, step
+            )
+        # ---- update: DPO on this iteration's pairs ----
+        # DPO-Iter keeps no step checkpoints: it resumes after its last complete iteration
+        save_to = (iter_dir,) * online + (args.output_dir,) * (iteration == args.iterations)
+        step = dpo_update(args, accelerator, log, tokenizer, policy, policy_path, ref_at,
+                          train_pairs, eval_pairs, step, resume_from, not online, save_to)  # fmt: skip
+        # ---- save (DPO-Iter): dpo_update saved the policy; pairs.jsonl, iteration.json (done) ----
+        if online:
+            record = {"iteration": iteration, "step": step, "reference": str(ref_at), **stats}
+            on_main(accelerator, save_iteration, iter_dir, train_pairs, record)
+        accelerator.wait_for_everyone()
+        # a signal in the loop's last step or while iter_K was saved stops here, iter_K complete;
+        # from here to the next loop (sampling) a signal stops at once
+        if STOP.requested(accelerator) and iteration < args.iterations:
+            raise KeyboardInterrupt
+        STOP.deferred = False
+        # drop this iteration's engine, optimizer and wrappers before the next
+        del policy
+        accelerator.free_memory()
+        policy_path = str(iter_dir)
+    end_training(accelerator)
+
+
+# ---- this stage's plumbing (not shared) ----
 
 
 def check_args(args: Args) -> bool:
@@ -735,6 +879,21 @@ def load_frozen(args, accelerator, cls, path: str, policy_copy: bool = False):
     return prepare_frozen(accelerator, load_pretrained(cls, path, dtype, args))
 
 
+def load_labeller(args, accelerator, tokenizer, reward_fn):
+    """DPO-Iter's labeller, score(prompts, samples) -> scores (score_samples): the reward function,
+    or the frozen reward model with its own tokenizer when its vocabulary differs from the policy's."""
+    reward_model = None
+    rm_tokenizer = load_reward_tokenizer(args, tokenizer)  # None: the policy's vocabulary
+    if rm_path := args.reward_model_name_or_path:
+        reward_model = load_frozen(args, accelerator, AutoModelForSequenceClassification, rm_path)
+        # score_tokens runs HF's forward, which needs a pad id to batch (its pooling is not used)
+        rm_config = getattr(reward_model, "module", reward_model).config
+        rm_config.pad_token_id = (rm_tokenizer or tokenizer).pad_token_id
+    return partial(
+        score_samples, accelerator, args, tokenizer, reward_fn, reward_model, rm_tokenizer
+    )
+
+
 def find_iteration(accelerator, output_dir, resume_from_checkpoint: str | None):
     """DPO-Iter resumes after the last complete iter_K (its policy saved, then iteration.json written
     by save_iteration); a later, incomplete iter_K (a run stopped in it) runs again, and is named.
@@ -776,141 +935,6 @@ def save_iteration(iter_dir: Path, pairs: list, record: dict):
                 f"cannot write {iter_dir / name} ({write_error(e, iter_dir)})"
             ) from None
         tmp.replace(iter_dir / name)
-
-
-def main(args: Args):
-    # ---- arguments and labeller, checked before any model is loaded ----
-    online = check_args(args)
-    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
-    if args.reward_model_name_or_path:
-        check_reward_model(args.reward_model_name_or_path, args.trust_remote_code)
-
-    # ---- accelerator, tokenizer and data: pairs (DPO) or prompts (DPO-Iter) ----
-    accelerator = make_accelerator(args, args.gradient_accumulation_steps)
-    describe_run(
-        accelerator, args.per_device_train_batch_size, args.gradient_accumulation_steps, "pairs"
-    )
-    set_seed(args.seed)
-    tokenizer = load_tokenizer(args)
-    eval_batch = args.per_device_eval_batch_size  # also the batch of reference-log-prob passes
-
-    def load_data(split: str, name: str) -> list:
-        ds = load_split(args.dataset_name, args.dataset_config, split)
-        limits = (args.max_length, args.max_prompt_length)
-        if online:
-            return tokenize_prompts(to_prompts(ds), tokenizer, *limits, name)
-        return tokenize_preference(to_preference(ds), tokenizer, *limits, name)
-
-    train = [] if args.eval_only else load_data(args.train_split, "train")
-    evals = load_data(args.eval_split, "eval") if args.eval_split else []
-
-    # ---- resume point (DPO: checkpoints/step_N; DPO-Iter: the last iter_K), output directory ----
-    # `step` is where the next iteration's global steps start; DPO's checkpoint carries its own
-    first, step, policy_path, resume_from, resume_step = 1, 0, None, None, 0
-    if online:
-        first, step, policy_path = find_iteration(
-            accelerator, args.output_dir, args.resume_from_checkpoint
-        )
-        resume_step = step
-    else:
-        resume_from = find_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint)
-        if resume_from is not None:
-            resume_step = json.loads((resume_from / "step.json").read_text())["step"]
-    resuming = resume_from or (Path(policy_path) if policy_path else None)
-    # refuse to mix runs (--overwrite_output_dir also clears iter_K, which a resume would pick up)
-    # and a resume must share the process count and the training data (pairs or prompts)
-    on_main(accelerator, prepare_output_dir, args, resuming, accelerator.num_processes, train)
-    if first > 1 and accelerator.is_main_process:  # the rows of a killed iteration `first`
-        keep_rows_up_to(Path(args.output_dir) / "metrics.jsonl", step, first - 1)
-    on_main(accelerator, start_tracker, accelerator, args, "dpo", resuming is not None)
-    log = MetricsLog(accelerator, args.output_dir, resume_step=resume_step)
-    ref_path = args.ref_model_name_or_path or args.model_name_or_path
-
-    if args.eval_only:  # DPO's eval pairs, the policy frozen too
-        ref_model = load_frozen(args, accelerator, AutoModelForCausalLM, ref_path)
-        if args.precompute_ref_logps:  # one model in memory at a time, as in training
-            compute_ref_logps(accelerator, ref_model, evals, eval_batch, tokenizer.pad_token_id)
-            ref_model = None
-        policy = load_frozen(args, accelerator, AutoModelForCausalLM, args.model_name_or_path)
-        eval_loader = accelerator.prepare(pair_loader(evals, eval_batch, tokenizer.pad_token_id))
-        metrics = evaluate(accelerator, policy, ref_model, eval_loader, args)
-        log.log(metrics, 0)
-        accelerator.print(json.dumps(metrics))
-        end_training(accelerator)
-        return
-
-    # ---- the labeller of DPO-Iter's samples: a reward model or a reward function ----
-    reward_model = None
-    rm_tokenizer = load_reward_tokenizer(args, tokenizer)  # None: the policy's vocabulary
-    if rm_path := args.reward_model_name_or_path:
-        reward_model = load_frozen(args, accelerator, AutoModelForSequenceClassification, rm_path)
-        # score_tokens runs HF's forward, which needs a pad id to batch (its pooling is not used)
-        rm_config = getattr(reward_model, "module", reward_model).config
-        rm_config.pad_token_id = (rm_tokenizer or tokenizer).pad_token_id
-
-    score = partial(
-        score_samples, accelerator, args, tokenizer, reward_fn, reward_model, rm_tokenizer
-    )
-
-    if policy_path is not None:
-        accelerator.print(f"resumed after iteration {first - 1} (step {step}) from {policy_path}")
-    # One path: DPO is a single iteration on the dataset's pairs; DPO-Iter (Sec. 4.3) runs
-    # --iterations of sample, label, DPO, and each trained policy is the next reference.
-    for iteration in range(first, args.iterations + 1):
-        iter_dir, tag = Path(args.output_dir) / f"iter_{iteration}", f"iteration {iteration}"
-        # Iteration 1's reference is --ref_model_name_or_path or the initial policy; later
-        # iterations' is the policy the previous iteration trained.
-        ref_at = ref_path if iteration == 1 else policy_path
-        policy_path = policy_path or args.model_name_or_path
-        policy = None
-        train_pairs, eval_pairs = train, evals
-        if online:
-            # ---- rollout: sample from the current policy, label, pair best with worst ----
-            policy = load_policy(args, policy_path)
-            if accelerator.state.deepspeed_plugin is None:
-                policy.to(accelerator.device)
-            # each process its own noise
-            torch.manual_seed(args.seed + iteration + 100003 * accelerator.process_index)
-            build = partial(build_iteration_pairs, accelerator, args, policy, tokenizer)
-            train_pairs, stats = build(train, score, f"{tag} train")
-            eval_pairs = build(evals, score, f"{tag} eval")[0] if evals else []
-            names = ("pairs", "ties_skipped", "unfinished", "unfinished_chosen")
-            metrics = {"iteration": iteration, **{f"iteration/{n}": stats[n] for n in names}}
-            log.log({**metrics, "objective/scores": stats["scores_mean"]}, step)
-        # ---- update: DPO on this iteration's pairs ----
-        t0 = time.time()
-        same = ref_at == policy_path  # the policy's start: step 0 is an identity in any precision
-        ref_model = load_frozen(args, accelerator, AutoModelForCausalLM, ref_at, same)
-        if args.precompute_ref_logps:
-            # the reference runs once over the pairs and is freed: one model at a time
-            for pairs in (train_pairs, eval_pairs):
-                compute_ref_logps(accelerator, ref_model, pairs, eval_batch, tokenizer.pad_token_id)
-            ref_model = None
-            accelerator.print(
-                f"precomputed reference log-probs of {len(train_pairs) + len(eval_pairs)} pairs in "
-                f"{time.time() - t0:.1f}s; the reference model is freed before the policy loads"
-            )
-        policy = policy or load_policy(args, policy_path)
-        set_seed(args.seed)  # the same data order on every process
-        # DPO-Iter keeps no step checkpoints: it resumes after its last complete iteration
-        save_to = (iter_dir,) * online + (args.output_dir,) * (iteration == args.iterations)
-        step = train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train_pairs,
-                         eval_pairs, step, resume_from, not online, save_to)  # fmt: skip
-        # ---- save: train_dpo saved the policy; then pairs.jsonl and iteration.json (done) ----
-        if online:
-            record = {"iteration": iteration, "step": step, "reference": str(ref_at), **stats}
-            on_main(accelerator, save_iteration, iter_dir, train_pairs, record)
-        accelerator.wait_for_everyone()
-        # a signal in the loop's last step or while iter_K was saved stops here, iter_K complete;
-        # from here to the next loop (sampling) a signal stops at once
-        if STOP.requested(accelerator) and iteration < args.iterations:
-            raise KeyboardInterrupt
-        STOP.deferred = False
-        # drop this iteration's engine, optimizer and wrappers before the next
-        del policy, ref_model
-        accelerator.free_memory()
-        policy_path = str(iter_dir)
-    end_training(accelerator)
 
 
 # ---- shared helpers: identical in every script that has them (tests/test_shared_helpers.py) ----
@@ -1806,6 +1830,28 @@ def load_checkpoint(accelerator, path: Path, restore=None) -> dict:
         ) from None
     accelerator.print(f"resumed from {path} at step {state['step']}")
     return state
+
+
+def zero3_gathered(accelerator, params, modifier_rank=None):
+    """Under ZeRO-3, the full tensors of `params` inside the block (one gather, not one per use)."""
+    plugin = accelerator.state.deepspeed_plugin if accelerator is not None else None
+    if plugin is None or plugin.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed  # only needed (and only importable) under DeepSpeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
+    """Keep each response up to and including its first EOS; replace what follows with pad.
+    -> (responses, mask [B, T] long, has_eos [B] bool). A response without EOS keeps all its tokens."""
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(-1)
+    T = responses.shape[1]
+    last = torch.full_like(has_eos, T - 1, dtype=torch.long)
+    end = torch.where(has_eos, is_eos.long().argmax(-1), last)
+    mask = torch.arange(T, device=responses.device)[None, :] <= end[:, None]
+    return responses.masked_fill(~mask, pad_id), mask.long(), has_eos
 
 
 def prepare_frozen(accelerator, model):

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from accelerate import Accelerator
 from conftest import build_sentencepiece_tokenizer, build_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -203,8 +204,26 @@ def test_best_worst_pairs_skip_ties():
         None,
         (8, 7),
     ]
-    assert dpo.first_eos_cut([4, 5, 0, 0, 0], 0) == ([4, 5, 0], True)
-    assert dpo.first_eos_cut([4, 5, 6], 0) == ([4, 5, 6], False)
+
+
+def test_sampled_responses_end_at_their_first_eos(tok):
+    """sample_responses cuts each generated response after its first EOS (the padding generate()
+    adds after it is dropped); a response with no EOS keeps all its tokens, a pad id inside it too."""
+    eos, pad_id = tok.eos_token_id, tok.pad_token_id
+    assert eos != pad_id
+    rows = [[4, 5, eos, pad_id, pad_id], [4, pad_id, 6, 7, 8], [eos, eos, pad_id, pad_id, pad_id]]
+
+    class Generator(torch.nn.Module):  # stands in for the policy: generate() returns `rows`
+        generation_config = None
+
+        def generate(self, input_ids, attention_mask, generation_config, synced_gpus):
+            prompts = input_ids.repeat_interleave(generation_config.num_return_sequences, 0)
+            return torch.cat([prompts, torch.tensor(rows)], 1)
+
+    args = dpo.Args(samples_per_prompt=3, max_new_tokens=5)
+    samples = dpo.sample_responses(Accelerator(cpu=True), Generator(), tok, [[9, 10]], args)
+    assert samples == [([4, 5, eos], True), ([4, pad_id, 6, 7, 8], False), ([eos], True)]
+    assert all(type(f) is bool for _, f in samples)
 
 
 def test_reward_model_inputs_retokenize_when_vocabularies_differ(tok):
