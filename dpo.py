@@ -338,15 +338,12 @@ def collate_pairs(pairs: list, pad_id: int) -> dict:
     return batch
 
 
-def pair_loader(pairs: list, batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0):
-    collate = lambda batch: collate_pairs(batch, pad_id)
-    # Its own generator: torch draws a seed from it for each new iterator (a resume mid-epoch
-    # makes one more), not from the global RNG of sampling and dropout. The order comes from
-    # accelerate's seedable sampler, which reseeds it with seed + epoch.
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        pairs, batch_size, shuffle=shuffle, collate_fn=collate, generator=generator
-    )
+def pair_loader(pairs: list, batch_size: int, pad_id: int):
+    """An evaluation loader, in order (training's is make_train_loader, shuffled)."""
+    collate = partial(collate_pairs, pad_id=pad_id)
+    # its own generator: iterating draws nothing from the global RNG of sampling
+    generator = torch.Generator().manual_seed(0)
+    return torch.utils.data.DataLoader(pairs, batch_size, collate_fn=collate, generator=generator)
 
 
 # ---- training and evaluation ----
@@ -403,30 +400,20 @@ def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list,
     optimizer = adamw(
         accelerator, policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
     )
-    pad_id = tokenizer.pad_token_id
-    train_loader = pair_loader(train, args.per_device_train_batch_size, pad_id, True, args.seed)
-    eval_loader = pair_loader(evals, args.per_device_eval_batch_size, pad_id)
-    # one optimizer step = per_device batch x processes x ga; accelerate shards the loader
-    ga = args.gradient_accumulation_steps
-    if math.ceil(len(train_loader) / accelerator.num_processes) < ga:
-        raise DataError(
-            f"{len(train)} training pairs make no full step of "
-            f"{args.per_device_train_batch_size} x {accelerator.num_processes} x {ga}"
-        )
+    collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
+    train_loader = make_train_loader(accelerator, args, train, collate, "pairs")
+    eval_loader = pair_loader(evals, args.per_device_eval_batch_size, tokenizer.pad_token_id)
     policy, optimizer, train_loader, eval_loader = prepare_for_training(
         accelerator, args.max_grad_norm, policy, optimizer, train_loader, eval_loader
     )
-    if checkpoints:  # (once: DPO-Iter, which calls this per iteration, keeps none)
-        checkpoints_open_as_models(
-            accelerator, tokenizer, lambda m: {"": ("", m)}
-        )  # also from_pretrained
+    if (
+        checkpoints
+    ):  # also open with from_pretrained (once: DPO-Iter, called per iteration, keeps none)
+        checkpoints_open_as_models(accelerator, tokenizer, lambda m: {"": ("", m)})
     # each process its own noise; the data order stays shared
     torch.manual_seed(args.seed + 100003 * accelerator.process_index)
 
-    # an incomplete trailing accumulation group is skipped
-    steps_per_epoch = len(train_loader) // ga
-    epochs_steps = math.ceil(args.num_train_epochs * steps_per_epoch)
-    total_steps = args.max_steps if args.max_steps > 0 else epochs_steps
+    steps_per_epoch, total_steps = count_steps(args, train_loader)
     # not prepared: accelerate would step it once per process
     scheduler = lr_schedule(optimizer, args.lr_scheduler, args.warmup_ratio, total_steps)
     start, done = step, 0
@@ -443,63 +430,54 @@ def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list,
     bar = tqdm(total=total_steps, initial=done, disable=not accelerator.is_main_process, desc="dpo")
     window, window_tokens, window_start = torch.zeros(8, device=accelerator.device), 0, time.time()
     STOP.deferred = True  # a signal now stops the loop at the end of a step (StopSignal)
-    while done < total_steps:
-        # the same data order on every process and after a resume
-        train_loader.set_epoch(done // steps_per_epoch)
-        skip = (done % steps_per_epoch) * ga
-        batches = iter(accelerator.skip_first_batches(train_loader, skip) if skip else train_loader)
-        for _ in range(steps_per_epoch - done % steps_per_epoch):
-            micro = list(islice(batches, ga))
-            # The mean loss over the pairs of the whole global batch, so 1 process and N processes
-            # (and any accumulation) give the same gradient. DDP averages over processes and
-            # accelerator.backward divides by ga, hence the two factors.
-            local_pairs = sum(len(b["input_ids"]) // 2 for b in micro)
-            n_pairs = accelerator.gather(torch.tensor(local_pairs, device=accelerator.device)).sum()
-            local = torch.zeros(9, device=accelerator.device)  # 7 statistic sums, pairs, tokens
-            for i, batch in enumerate(micro):
-                with accelerator.accumulate(policy):
-                    with accelerator.autocast():
-                        losses, stats = pair_stats(policy, ref_model, batch, args)
-                    tokens = batch["attention_mask"].sum()
-                    counts = torch.tensor([len(stats), tokens], device=stats.device)
-                    local += torch.cat([stats.float().sum(0), counts])
-                    # before the backward that steps (DeepSpeed steps inside backward)
-                    if i == ga - 1:
-                        step_sums = accelerator.reduce(local, "sum")  # one sync per optimizer step
-                        check_finite(step_sums[:7], "train/loss", start + done + 1)
-                    loss = losses.sum() * accelerator.num_processes * ga / n_pairs
-                    optimizer_step(
-                        accelerator, loss, [policy], optimizer, scheduler, args.max_grad_norm
-                    )
-            window += step_sums[:8]
-            window_tokens += int(step_sums[8].item())
-            done += 1
-            bar.update(1)
-
-            # ---- log, evaluate, checkpoint ----
-            if done % args.logging_steps == 0 or done == total_steps:
-                elapsed = max(time.time() - window_start, 1e-9)
-                metrics = {
-                    **stat_metrics(window, ""),
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/tokens_per_second": window_tokens / elapsed,
-                    "train/pairs_per_second": window[-1].item() / elapsed,
-                    "epoch": done / steps_per_epoch,
-                }
-                if torch.cuda.is_available():
-                    metrics["train/peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                log.log(metrics, start + done)
-                bar.set_postfix(
-                    loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}"
+    ga = args.gradient_accumulation_steps
+    steps = training_steps(accelerator, train_loader, ga, done, steps_per_epoch, total_steps)
+    for done, micro in steps:
+        # The mean loss over the pairs of the whole global batch, so 1 process and N processes
+        # (and any accumulation) give the same gradient. DDP averages over processes and
+        # accelerator.backward divides by ga, hence the two factors.
+        local_pairs = sum(len(b["input_ids"]) // 2 for b in micro)
+        n_pairs = accelerator.gather(torch.tensor(local_pairs, device=accelerator.device)).sum()
+        local = torch.zeros(9, device=accelerator.device)  # 7 statistic sums, pairs, tokens
+        for i, batch in enumerate(micro):
+            with accelerator.accumulate(policy):
+                with accelerator.autocast():
+                    losses, stats = pair_stats(policy, ref_model, batch, args)
+                tokens = batch["attention_mask"].sum()
+                counts = torch.tensor([len(stats), tokens], device=stats.device)
+                local += torch.cat([stats.float().sum(0), counts])
+                # before the backward that steps (DeepSpeed steps inside backward)
+                if i == ga - 1:
+                    step_sums = accelerator.reduce(local, "sum")  # one sync per optimizer step
+                    check_finite(step_sums[:7], "train/loss", start + done)
+                loss = losses.sum() * accelerator.num_processes * ga / n_pairs
+                optimizer_step(
+                    accelerator, loss, [policy], optimizer, scheduler, args.max_grad_norm
                 )
-                window, window_tokens, window_start = torch.zeros_like(window), 0, time.time()
-            if evals and (done % args.eval_steps == 0 or done == total_steps):
-                log.log(evaluate(accelerator, policy, ref_model, eval_loader, args), start + done)
-            # (DPO-Iter keeps no step checkpoints: it resumes after its last complete iteration)
-            state = {"scheduler": scheduler.state_dict()} if checkpoints else None
-            checkpoint_or_stop(accelerator, args, start + done, start + total_steps, state)
-            if done >= total_steps:
-                break
+        window += step_sums[:8]
+        window_tokens += int(step_sums[8].item())
+        bar.update(1)
+
+        # ---- log, evaluate, checkpoint ----
+        if done % args.logging_steps == 0 or done == total_steps:
+            elapsed = max(time.time() - window_start, 1e-9)
+            metrics = {
+                **stat_metrics(window, ""),
+                **window_metrics(scheduler, window_tokens, window_start, done, steps_per_epoch),
+                "train/pairs_per_second": window[-1].item() / elapsed,
+            }
+            if torch.cuda.is_available():
+                metrics["train/peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            log.log(metrics, start + done)
+            bar.set_postfix(
+                loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}"
+            )
+            window, window_tokens, window_start = torch.zeros_like(window), 0, time.time()
+        if evals and (done % args.eval_steps == 0 or done == total_steps):
+            log.log(evaluate(accelerator, policy, ref_model, eval_loader, args), start + done)
+        # (DPO-Iter keeps no step checkpoints: it resumes after its last complete iteration)
+        state = {"scheduler": scheduler.state_dict()} if checkpoints else None
+        checkpoint_or_stop(accelerator, args, start + done, start + total_steps, state)
     bar.close()
     for path in save_to:
         save_model(accelerator, policy, tokenizer, path)
@@ -1446,6 +1424,61 @@ def checkpoint_or_stop(accelerator, args, step: int, total: int, state, write_ex
         )
     if stop:
         raise KeyboardInterrupt
+
+
+def make_train_loader(accelerator, args, examples: list, collate, unit: str):
+    """The shuffled training loader; a DataError when the examples make no full optimizer step."""
+    loader = torch.utils.data.DataLoader(
+        examples,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        # Its own generator: torch draws a seed from it for each new iterator (a resume mid-epoch
+        # makes one more), not from the global RNG of sampling and dropout. The order comes from
+        # accelerate's seedable sampler, which reseeds it with seed + epoch.
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    ga = args.gradient_accumulation_steps
+    if math.ceil(len(loader) / accelerator.num_processes) < ga:  # accelerate's shard length
+        raise DataError(
+            f"{len(examples)} training {unit} make no full step of "
+            f"{args.per_device_train_batch_size} x {accelerator.num_processes} x {ga}"
+        )
+    return loader
+
+
+def count_steps(args, train_loader) -> tuple:
+    """(optimizer steps per epoch, total optimizer steps) of a prepared loader. An incomplete trailing
+    accumulation group is skipped, so every step sees ga micro-batches; --max_steps > 0 overrides
+    --num_train_epochs."""
+    steps_per_epoch = len(train_loader) // args.gradient_accumulation_steps
+    if args.max_steps > 0:
+        return steps_per_epoch, args.max_steps
+    return steps_per_epoch, math.ceil(args.num_train_epochs * steps_per_epoch)
+
+
+def training_steps(accelerator, loader, ga: int, step: int, steps_per_epoch: int, total: int):
+    """Yield (the number of each optimizer step after `step`, counted from 1, and its ga micro-batches)
+    up to step `total`: the same data order on every process and after a resume (accelerate's
+    seedable sampler reseeds each epoch with seed + epoch; a resume skips the batches it has seen)."""
+    while step < total:
+        loader.set_epoch(step // steps_per_epoch)
+        skip = (step % steps_per_epoch) * ga
+        batches = iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
+        for _ in range(steps_per_epoch - step % steps_per_epoch):
+            step += 1
+            yield step, list(islice(batches, ga))
+            if step >= total:
+                return
+
+
+def window_metrics(scheduler, tokens: float, window_start: float, step: int, steps_per_epoch: int):
+    """The train/ metrics every stage logs beside its own: learning rate, throughput, epoch."""
+    return {
+        "train/lr": scheduler.get_last_lr()[0],
+        "train/tokens_per_second": tokens / max(time.time() - window_start, 1e-9),
+        "epoch": step / steps_per_epoch,
+    }
 
 
 def lr_schedule(optimizer, name: str, warmup_ratio: float, total_steps: int):
