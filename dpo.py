@@ -702,7 +702,6 @@ def main(args: Args):
     )
     set_seed(args.seed)
     tokenizer = load_tokenizer(args)
-    eval_batch = args.per_device_eval_batch_size  # also the batch of reference-log-prob passes
 
     def load_data(split: str, name: str) -> list:
         ds = load_split(args.dataset_name, args.dataset_config, split)
@@ -715,39 +714,11 @@ def main(args: Args):
     evals = load_data(args.eval_split, "eval") if args.eval_split else []
 
     # ---- resume point (DPO: checkpoints/step_N; DPO-Iter: the last iter_K), output directory ----
-    # `step` is where the next iteration's global steps start; DPO's checkpoint carries its own
-    first, step, policy_path, resume_from, resume_step = 1, 0, None, None, 0
-    if online:
-        first, step, policy_path = find_iteration(
-            accelerator, args.output_dir, args.resume_from_checkpoint
-        )
-        resume_step = step
-    else:
-        resume_from = find_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint)
-        if resume_from is not None:
-            resume_step = json.loads((resume_from / "step.json").read_text())["step"]
-    resuming = resume_from or (Path(policy_path) if policy_path else None)
-    # refuse to mix runs (--overwrite_output_dir also clears iter_K, which a resume would pick up)
-    # and a resume must share the process count and the training data (pairs or prompts)
-    on_main(accelerator, prepare_output_dir, args, resuming, accelerator.num_processes, train)
-    if first > 1 and accelerator.is_main_process:  # the rows of a killed iteration `first`
-        keep_rows_up_to(Path(args.output_dir) / "metrics.jsonl", step, first - 1)
-    on_main(accelerator, start_tracker, accelerator, args, "dpo", resuming is not None)
-    log = MetricsLog(accelerator, args.output_dir, resume_step=resume_step)
+    first, step, policy_path, resume_from, log = open_run(args, accelerator, online, train)
     ref_path = args.ref_model_name_or_path or args.model_name_or_path
 
-    if args.eval_only:  # DPO's eval pairs, the policy frozen too
-        ref_model = load_frozen(args, accelerator, AutoModelForCausalLM, ref_path)
-        if args.precompute_ref_logps:  # one model in memory at a time, as in training
-            compute_ref_logps(accelerator, ref_model, evals, eval_batch, tokenizer.pad_token_id)
-            ref_model = None
-        policy = load_frozen(args, accelerator, AutoModelForCausalLM, args.model_name_or_path)
-        eval_loader = accelerator.prepare(pair_loader(evals, eval_batch, tokenizer.pad_token_id))
-        metrics = evaluate(accelerator, policy, ref_model, eval_loader, args)
-        log.log(metrics, 0)
-        accelerator.print(json.dumps(metrics))
-        end_training(accelerator)
-        return
+    if args.eval_only:  # DPO's eval pairs against the reference, the policy frozen too
+        return eval_only_run(args, accelerator, log, tokenizer, ref_path, evals)
 
     # ---- DPO-Iter's labeller of the samples: a reward model or a reward function ----
     score = load_labeller(args, accelerator, tokenizer, reward_fn) if online else None
@@ -833,6 +804,47 @@ def check_args(args: Args) -> bool:
     if args.ref_model_name_or_path:
         check_model_path(args.ref_model_name_or_path, "reference model")
     return online
+
+
+def open_run(args, accelerator, online: bool, train: list):
+    """The resume point (DPO: checkpoints/step_N; DPO-Iter: the last complete iter_K), the output
+    directory, the tracker and metrics.jsonl. -> (first iteration, global step, DPO-Iter's policy path
+    or None, DPO's checkpoint or None, MetricsLog)"""
+    # `step` is where the next iteration's global steps start; DPO's checkpoint carries its own
+    first, step, policy_path, resume_from, resume_step = 1, 0, None, None, 0
+    if online:
+        first, step, policy_path = find_iteration(
+            accelerator, args.output_dir, args.resume_from_checkpoint
+        )
+        resume_step = step
+    else:
+        resume_from = find_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint)
+        if resume_from is not None:
+            resume_step = json.loads((resume_from / "step.json").read_text())["step"]
+    resuming = resume_from or (Path(policy_path) if policy_path else None)
+    # refuse to mix runs (--overwrite_output_dir also clears iter_K, which a resume would pick up)
+    # and a resume must share the process count and the training data (pairs or prompts)
+    on_main(accelerator, prepare_output_dir, args, resuming, accelerator.num_processes, train)
+    if first > 1 and accelerator.is_main_process:  # the rows of a killed iteration `first`
+        keep_rows_up_to(Path(args.output_dir) / "metrics.jsonl", step, first - 1)
+    on_main(accelerator, start_tracker, accelerator, args, "dpo", resuming is not None)
+    log = MetricsLog(accelerator, args.output_dir, resume_step=resume_step)
+    return first, step, policy_path, resume_from, log
+
+
+def eval_only_run(args, accelerator, log, tokenizer, ref_path: str, evals: list):
+    """--eval_only: the eval/ metrics of the policy against its reference, written and printed."""
+    eval_batch = args.per_device_eval_batch_size
+    ref_model = load_frozen(args, accelerator, AutoModelForCausalLM, ref_path)
+    if args.precompute_ref_logps:  # one model in memory at a time, as in training
+        compute_ref_logps(accelerator, ref_model, evals, eval_batch, tokenizer.pad_token_id)
+        ref_model = None
+    policy = load_frozen(args, accelerator, AutoModelForCausalLM, args.model_name_or_path)
+    eval_loader = accelerator.prepare(pair_loader(evals, eval_batch, tokenizer.pad_token_id))
+    metrics = evaluate(accelerator, policy, ref_model, eval_loader, args)
+    log.log(metrics, 0)
+    accelerator.print(json.dumps(metrics))
+    end_training(accelerator)
 
 
 def load_policy(args, path: str):
