@@ -349,17 +349,6 @@ def pair_loader(pairs: list, batch_size: int, pad_id: int):
 # ---- training and evaluation ----
 
 
-STAT_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
-              "rewards/accuracies", "logps/chosen", "logps/rejected"]  # fmt: skip
-
-
-def stat_metrics(total: torch.Tensor, prefix: str) -> dict:
-    """[8] = (sums of the 7 statistics, pair count) -> means, named for the ecosystem (docs/design.md
-    section 6): train/loss and rewards/... as TRL logs them, eval/... for prefix "eval"."""
-    names = ["train/loss", *STAT_NAMES[1:]] if prefix == "" else [f"eval/{n}" for n in STAT_NAMES]
-    return {name: (total[i] / total[-1]).item() for i, name in enumerate(names)}
-
-
 @torch.no_grad()
 def compute_ref_logps(accelerator, model, pairs: list, batch_size: int, pad_id: int):
     """Reference log-probs of every pair, computed once, in batches, each process a share (the same
@@ -925,6 +914,17 @@ def save_iteration(iter_dir: Path, pairs: list, record: dict):
                 f"cannot write {iter_dir / name} ({write_error(e, iter_dir)})"
             ) from None
         tmp.replace(iter_dir / name)
+
+
+STAT_NAMES = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+              "rewards/accuracies", "logps/chosen", "logps/rejected"]  # fmt: skip
+
+
+def stat_metrics(total: torch.Tensor, prefix: str) -> dict:
+    """[8] = (sums of the 7 statistics, pair count) -> means, named for the ecosystem (docs/design.md
+    section 6): train/loss and rewards/... as TRL logs them, eval/... for prefix "eval"."""
+    names = ["train/loss", *STAT_NAMES[1:]] if prefix == "" else [f"eval/{n}" for n in STAT_NAMES]
+    return {name: (total[i] / total[-1]).item() for i, name in enumerate(names)}
 
 
 # ---- shared helpers: identical in every script that has them (tests/test_shared_helpers.py) ----
