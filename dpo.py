@@ -580,28 +580,7 @@ def build_iteration_pairs(accelerator, args, policy, tokenizer, prompts: list, s
     score them, and pair each prompt's best response (chosen) with its worst (rejected); prompts
     whose samples all tie, or whose best and worst are the same text, are skipped and counted."""
     k = args.samples_per_prompt
-    error = None
-    with accelerator.split_between_processes(list(range(len(prompts))), apply_padding=True) as mine:
-        mine_ids = [prompts[i]["prompt_ids"] for i in mine]
-        samples = sample_responses(accelerator, policy, tokenizer, mine_ids, args)
-        owners = [i for i in mine for _ in range(k)]
-        # A labelling error stops every process, not only the one whose samples failed.
-        try:
-            scores = score([prompts[i] for i in owners], samples)
-        except DataError as e:
-            error, scores = str(e), [0.0] * len(samples)
-        local = [(i, ids, f, s) for i, (ids, f), s in zip(owners, samples, scores)]
-    errors = [e for e in gather_object([error]) if e]
-    if errors:
-        raise DataError(errors[0])
-    gathered = gather_object(local)
-    # a reward model's NaN stops the run here
-    check_finite(torch.tensor([s for *_, s in gathered]), f"{name} reward", 0)
-    by_prompt = {}
-    for i, ids, finished, s in gathered:
-        by_prompt.setdefault(i, []).append((ids, finished, s))
-    # padding duplicated some prompts: keep one copy
-    groups = {i: by_prompt[i][:k] for i in sorted(by_prompt)}
+    groups = sample_and_score(accelerator, args, policy, tokenizer, prompts, score, name)
     all_scores = [s for group in groups.values() for _, _, s in group]
     pairs, n_truncated, n_dropped, n_ties, n_identical, n_unfinished_chosen = [], 0, 0, 0, 0, 0
     for i, group in groups.items():
@@ -834,6 +813,34 @@ def eval_only_run(args, accelerator, log, tokenizer, ref_path: str, evals: list)
     log.log(metrics, 0)
     accelerator.print(json.dumps(metrics))
     end_training(accelerator)
+
+
+def sample_and_score(accelerator, args, policy, tokenizer, prompts: list, score, name: str) -> dict:
+    """DPO-Iter's samples, each process a share of the prompts, gathered on every process.
+    -> {prompt index: [(response ids, finished, score)] x samples_per_prompt}, in prompt order"""
+    k = args.samples_per_prompt
+    error = None
+    with accelerator.split_between_processes(list(range(len(prompts))), apply_padding=True) as mine:
+        mine_ids = [prompts[i]["prompt_ids"] for i in mine]
+        samples = sample_responses(accelerator, policy, tokenizer, mine_ids, args)
+        owners = [i for i in mine for _ in range(k)]
+        # A labelling error stops every process, not only the one whose samples failed.
+        try:
+            scores = score([prompts[i] for i in owners], samples)
+        except DataError as e:
+            error, scores = str(e), [0.0] * len(samples)
+        local = [(i, ids, f, s) for i, (ids, f), s in zip(owners, samples, scores)]
+    errors = [e for e in gather_object([error]) if e]
+    if errors:
+        raise DataError(errors[0])
+    gathered = gather_object(local)
+    # a reward model's NaN stops the run here
+    check_finite(torch.tensor([s for *_, s in gathered]), f"{name} reward", 0)
+    by_prompt = {}
+    for i, ids, finished, s in gathered:
+        by_prompt.setdefault(i, []).append((ids, finished, s))
+    # padding duplicated some prompts: keep one copy
+    return {i: by_prompt[i][:k] for i in sorted(by_prompt)}
 
 
 def load_policy(args, path: str):
