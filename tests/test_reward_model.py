@@ -479,9 +479,10 @@ def ddp_run(two_runs, tiny_model, run_accelerate):
     d, data = two_runs
     proc = _train(run_accelerate, tiny_model, data, d / "two", 2, "--eval_split", "test")
     assert proc.stdout.count("train: 24 pairs") == 2  # two processes really ran
-    # and the first line says so, with the global batch of one optimizer step
+    # and the main process's first line says so, with the global batch of one optimizer step (checked
+    # as present: the other process's report can reach the shared pipe first)
     first = "2 processes (MULTI_CPU), device cpu, fp32, global batch 4 pairs (2 per device x 2 x 1"
-    assert proc.stdout.startswith(first), proc.stdout[:300]
+    assert first in proc.stdout, proc.stdout[:300]
     return d / "two"
 
 
