@@ -395,9 +395,8 @@ def train_dpo(args, accelerator, log, tokenizer, policy, ref_model, train: list,
     policy, optimizer, train_loader, eval_loader = prepare_for_training(
         accelerator, args.max_grad_norm, policy, optimizer, train_loader, eval_loader
     )
-    if (
-        checkpoints
-    ):  # also open with from_pretrained (once: DPO-Iter, called per iteration, keeps none)
+    # checkpoints also open with from_pretrained (set once: DPO-Iter, called per iteration, keeps none)
+    if checkpoints:
         checkpoints_open_as_models(accelerator, tokenizer, lambda m: {"": ("", m)})
     # each process its own noise; the data order stays shared
     torch.manual_seed(args.seed + 100003 * accelerator.process_index)
