@@ -919,13 +919,15 @@ def extended_grid(lrs: list, coefs: list, chosen: str) -> tuple | None:
     """The grid extended past every edge the chosen setting sits on (None: it is inside)."""
     lr, coef = (float(x) for x in chosen.split(","))
     new_lrs, new_coefs = list(lrs), list(coefs)
-    if len(lrs) > 1 and math.isclose(lr, max(lrs)):
+    # `chosen` is a setting name (6 significant digits: 3.33333 for 1 / 0.3), hence rel_tol
+    same = lambda x, y: math.isclose(x, y, rel_tol=1e-4)
+    if len(lrs) > 1 and same(lr, max(lrs)):
         new_lrs = extend(sorted(lrs), True)
-    elif len(lrs) > 1 and math.isclose(lr, min(lrs)):
+    elif len(lrs) > 1 and same(lr, min(lrs)):
         new_lrs = extend(sorted(lrs), False)
-    if len(coefs) > 1 and math.isclose(coef, max(coefs)):
+    if len(coefs) > 1 and same(coef, max(coefs)):
         new_coefs = extend(sorted(coefs), True)
-    elif len(coefs) > 1 and math.isclose(coef, min(coefs)):
+    elif len(coefs) > 1 and same(coef, min(coefs)):
         new_coefs = extend(sorted(coefs), False)
     if (new_lrs, new_coefs) == (list(lrs), list(coefs)):
         return None
@@ -950,7 +952,7 @@ def run_tuning(a: Args, pool, points: list, on_done=None) -> dict:
     for round_ in range(a.max_extensions + 1):
         jobs = [(cell, a, "tune", s, arm, b, m, setting_name(lr, c))
                 for (arm, b, m), (lrs, cs) in grids.items() for lr in lrs for c in cs for s in a.tuning_seeds]  # fmt: skip
-        rows = run_all(pool, jobs, on_done)
+        rows = run_jobs(a, pool, jobs, on_done)
         by = {}
         for j, r in zip(jobs, rows):
             by.setdefault(j[4:7], {}).setdefault(j[7], []).append(r)
@@ -1470,10 +1472,99 @@ def gate_report(a: Args, gate_cells: list) -> dict:
     return out
 
 
+PREPARED: dict = {}  # seed -> prepare_seed's report, for the seeds prepared in this run
+
+
+def job_seed_and_result(job: tuple) -> tuple:
+    """(seed, whether its result is on disk) of a cell, final_cell, baselines or headroom job."""
+    fn, a, *args = job
+    if fn is headroom:
+        return args[0], (seed_dir(a, args[0]) / f"headroom_{args[1]}.json").exists()
+    if fn is baselines:
+        return args[0], cell_path(a, "main", *args, "sft", "baselines").exists()
+    path = cell_path(a, *args[:5], "final" if fn is final_cell else args[5])
+    done = path.exists() and (fn is cell or json.loads(path.read_text())["setting"] == args[5])
+    return args[1], done
+
+
+def run_jobs(a: Args, pool, jobs: list, on_done=None, failed: list | None = None) -> list:
+    """run_all, after preparing (data, SFT, reward models) every seed with a job still to compute. A
+    seed whose results are all on disk (computed, or restored by `restore`) is never prepared."""
+    todo = [s for s, done in map(job_seed_and_result, jobs) if not done]
+    seeds = [s for s in dict.fromkeys(todo) if s not in PREPARED]
+    if seeds:
+        PREPARED.update(zip(seeds, run_all(pool, [(prepare_seed, a, s) for s in seeds])))
+        rms = [(s, arm, b) for s in seeds for arm in ("rm_d", "rm_d_noisy") for b in a.budgets]
+        rms += [(s, "rm_large", max(a.budgets)) for s in seeds]
+        run_all(pool, [(train_reward_model, a, *r) for r in rms])
+    return run_all(pool, jobs, on_done, failed)
+
+
+def restore(a: Args) -> dict:
+    """Write back into output_dir the per-cell results that results.json, details.json and headroom.json
+    (committed in parts) hold and output_dir lacks, when they are of this study's settings: a session
+    that lost the git-ignored work/ resumes from the repository. Only missing files are written; a
+    restored cell holds the fields the report reads. -> the restored details (or {})."""
+    out = Path(a.results_dir)
+    if a.quick or not (out / "details.json").exists():
+        return {}
+    details = json.loads((out / "details.json").read_text())
+    if details.get("settings") != study_settings(a):
+        return {}
+    results = json.loads((out / "results.json").read_text())
+    seeds = results["seeds"]
+    gate = json.loads((out / "headroom.json").read_text())
+    put = lambda path, value: path.exists() or write_json(path, value)
+    if len(a.tuning_seeds) == 1 and gate["tuning_seeds"] == a.tuning_seeds:
+        s0 = a.tuning_seeds[0]
+        put(seed_dir(a, s0) / "headroom_val.json", gate["headroom"][str(s0)])
+        for key, r in details["tuning"]["records"].items():
+            arm, b, m = key.split()
+            for g, score in r["scores"].items():
+                row = {"labeller_score": score, "gold_sampled": r["gold_sampled"][g], "setting": g}
+                if (gs := gate["settings"].get(f"{m} {g}")) and (arm, b) == (
+                    "gold",
+                    str(max(a.budgets)),
+                ):
+                    row.update({k: gs[k] for k in ("kl_to_sft", "unfinished", "exact")}, cpu_s=gs["cpu_s"][0])  # fmt: skip
+                put(cell_path(a, "tune", s0, arm, b, m, g), row)
+    chosen = details["tuning"]["chosen"]
+    for i, s in enumerate(seeds):
+        if results["headroom"]["sft"][i] is not None:
+            put(
+                seed_dir(a, s) / "headroom_test.json",
+                {k: v[i] for k, v in results["headroom"].items()},
+            )
+        for arm, body in results["arms"].items():
+            for b, bb in body["budgets"].items():
+                if len(checks := details["reward_models"].get(f"{arm} {b}", [])) == len(seeds):
+                    put(seed_dir(a, s) / rm_name(arm, int(b)) / "checks.json", checks[i])
+                if bb["baselines"]["best_of_2"][i] is not None:
+                    put(cell_path(a, "main", s, arm, int(b), "sft", "baselines"),
+                        {k: v[i] for k, v in bb["baselines"].items()})  # fmt: skip
+                for m, v in bb["methods"].items():
+                    if v["gold_sampled"][i] is None:
+                        continue
+                    row = {k: x[i] for k, x in v.items()}
+                    row.update({k: details[k][arm][b][m][i] for k in ("length_error", "gold_finished", "cpu_s")})  # fmt: skip
+                    if m == "sft":
+                        put(
+                            cell_path(a, "main", s, "gold", "all", "sft", "final"),
+                            {**row, "setting": "final"},
+                        )
+                        continue
+                    key = cell_budget(arm, m, int(b))
+                    put(cell_path(a, "main", s, arm, key, m, "final"), {**row, "setting": chosen[arm][str(key)][m]})  # fmt: skip
+        for v, body in results["ablation"].items():
+            if v != "large_batch" and body["gold_sampled"][i] is not None:
+                put(cell_path(a, "ablation", s, "gold", min(a.budgets), "ppo", v),
+                    {"gold_sampled": body["gold_sampled"][i], "setting": v})  # fmt: skip
+    return details
+
+
 def run_gate(a: Args, pool, start: float) -> dict:
     print(f"[{time.time() - start:6.0f}s] gate: data, SFT and headroom on tuning seeds {a.tuning_seeds}", flush=True)  # fmt: skip
-    run_all(pool, [(prepare_seed, a, s) for s in a.tuning_seeds])
-    run_all(pool, [(headroom, a, s, "val") for s in a.tuning_seeds])
+    run_jobs(a, pool, [(headroom, a, s, "val") for s in a.tuning_seeds])
     grid = [(m, setting_name(lr, c)) for m in ("ppo", "dpo_iter") for lr in grid_axes(a, m)[0] for c in grid_axes(a, m)[1]]  # fmt: skip
     first = [(m, setting_name(lr, c)) for m, pts in GATE_ORDER.items() for lr, c in pts]
     order = [g for g in first if g in grid] + [g for g in grid if g not in first]
@@ -1484,7 +1575,7 @@ def run_gate(a: Args, pool, start: float) -> dict:
         batch = order[i : i + 2]
         print(f"[{time.time() - start:6.0f}s] gate: {batch}", flush=True)
         jobs = [(cell, a, "tune", s, "gold", max(a.budgets), m, g) for m, g in batch for s in a.tuning_seeds]  # fmt: skip
-        run_all(pool, jobs, on_done=lambda: gate_report(a, order))
+        run_jobs(a, pool, jobs, on_done=lambda: gate_report(a, order))
         out = gate_report(a, order)
     b = out["best"]
     print(f"[{time.time() - start:6.0f}s] gate {'PASSED' if out['passed'] else 'not passed'}: best {b} "
@@ -1503,6 +1594,7 @@ def main(a: Args):
                       TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")  # fmt: skip
     start = time.time()
     extra: dict = {"settings": study_settings(a), "cost_plan": cost_plan(a)}
+    before = {r["seed"]: r for r in restore(a).get("seeds_prepared", [])}
     with ProcessPoolExecutor(max(1, a.jobs), mp_context=get_context("spawn"), initializer=worker_init) as pool:  # fmt: skip
         gate = run_gate(a, pool, start)
         if a.gate:
@@ -1517,14 +1609,10 @@ def main(a: Args):
             if set(a.seeds) & (set(range(20)) | set(a.tuning_seeds)):
                 raise StudyError("reported seeds must be fresh: none of 0-19 or the tuning seeds")
         seeds = list(dict.fromkeys(a.tuning_seeds + a.seeds))
-        print(f"[{time.time() - start:6.0f}s] data and SFT for {len(seeds)} seeds", flush=True)
-        extra["seeds_prepared"] = run_all(pool, [(prepare_seed, a, s) for s in seeds])
-        run_all(pool, [(headroom, a, s, "test") for s in a.seeds])
-        print(f"[{time.time() - start:6.0f}s] reward models", flush=True)
-        rms = [(s, arm, b) for s in seeds for arm in ("rm_d", "rm_d_noisy") for b in a.budgets]
-        rms += [(s, "rm_large", max(a.budgets)) for s in seeds]
-        run_all(pool, [(train_reward_model, a, *r) for r in rms])
-
+        # a seed's data, SFT and reward models are made when one of its jobs is first run (run_jobs)
+        prepared = lambda: [
+            PREPARED.get(s) or before[s] for s in seeds if s in PREPARED or s in before
+        ]
         print(f"[{time.time() - start:6.0f}s] tuning under every labeller, per budget", flush=True)
         points = tune_points(a)
         if all(len(grid_axes(a, m)[0]) * len(grid_axes(a, m)[1]) == 1 for _, _, m in points):
@@ -1539,14 +1627,19 @@ def main(a: Args):
         write_json(Path(a.output_dir) / "tuning.json", extra["tuning"])
 
         print(f"[{time.time() - start:6.0f}s] reported cells; results rewritten as cells finish", flush=True)  # fmt: skip
-        jobs = [(cell, a, "main", s, "gold", "all", "sft", "final") for s in a.seeds]
-        jobs += [(baselines, a, s, arm, b) for s in a.seeds for arm in ARMS for b in a.budgets]
-        jobs += [(final_cell, a, "main", s, arm, b, m, chosen[arm][str(b)][m])
-                 for s in a.seeds for arm, b, m in points]  # fmt: skip
-        jobs += [(cell, a, "ablation", s, "gold", min(a.budgets), "ppo", v)
-                 for v in ABLATION if v != "large_batch" for s in a.seeds]  # fmt: skip
         failed: list = []
-        run_all(pool, jobs, on_done=lambda: write_report(a, extra, time.time() - start, final=False), failed=failed)  # fmt: skip
+        for i in range(0, len(a.seeds), 2):  # two seeds at a time, so results come in whole seeds
+            two = a.seeds[i : i + 2]
+            jobs = [(headroom, a, s, "test") for s in two]
+            jobs += [(cell, a, "main", s, "gold", "all", "sft", "final") for s in two]
+            jobs += [(baselines, a, s, arm, b) for s in two for arm in ARMS for b in a.budgets]
+            jobs += [(final_cell, a, "main", s, arm, b, m, chosen[arm][str(b)][m])
+                     for s in two for arm, b, m in points]  # fmt: skip
+            jobs += [(cell, a, "ablation", s, "gold", min(a.budgets), "ppo", v)
+                     for v in ABLATION if v != "large_batch" for s in two]  # fmt: skip
+            report = lambda: write_report(a, {**extra, "seeds_prepared": prepared()}, time.time() - start, final=False)  # fmt: skip
+            run_jobs(a, pool, jobs, on_done=report, failed=failed)
+        extra["seeds_prepared"] = prepared()
     write_report(a, extra, time.time() - start, final=not failed)
     if failed:
         raise StudyError(f"{len(failed)} cells failed (run again to retry them), e.g. {failed[0]}")
@@ -1556,7 +1649,7 @@ def main(a: Args):
 def final_cell(a: Args, kind: str, seed: int, arm: str, budget, method: str, setting: str) -> dict:
     """A reported cell at the chosen setting, also stored as 'final' so the report finds it."""
     path = cell_path(a, kind, seed, arm, budget, method, "final")
-    if path.exists():
+    if path.exists() and json.loads(path.read_text())["setting"] == setting:
         return json.loads(path.read_text())
     result = cell(a, kind, seed, arm, budget, method, setting)
     write_json(path, {**result, "setting": setting})
