@@ -519,7 +519,7 @@ def sample_responses(accelerator, model, tokenizer, prompt_ids: list, args) -> l
     KV cache in train mode), with exactly our sampling settings (none from generation_config.json).
     Under ZeRO-3 the weights are gathered once for the whole rollout.
     -> [(ids, finished)], prompt-major"""
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     config = generation_config(
         tokenizer, args.max_new_tokens, True, args.temperature, args.top_k, args.top_p
     )
@@ -1698,12 +1698,18 @@ def prepare_output_dir(args, resume_from: Path | None, num_processes: int, train
     run_file.write_text(json.dumps(run, indent=2))
 
 
+def full_state_dict(accelerator, model) -> dict:
+    """Gathered under ZeRO-3; without torch.compile's `_orig_mod.` (accelerate's --dynamo_backend)."""
+    return {k.removeprefix("_orig_mod."): v for k, v in accelerator.get_state_dict(model).items()}
+
+
 def save_model(accelerator, model, tokenizer, output_dir):
     """Loadable with plain from_pretrained; the state dict is gathered first (ZeRO-3 safe)."""
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = full_state_dict(accelerator, model)
 
     def write(folder: Path):
-        accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict)
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+        unwrapped.save_pretrained(folder, state_dict=state_dict)
         tokenizer.save_pretrained(folder)
 
     on_main(accelerator, write_model_dir, output_dir, write)
@@ -1783,12 +1789,13 @@ def checkpoints_open_as_models(accelerator, tokenizer, parts):
     twice, and a resume reads them back from there. parts(unwrapped model) -> {subfolder: (state-dict
     prefix, PreTrainedModel)}. Under DeepSpeed the engine's own files stay (a resume needs them) and the
     save_pretrained copy comes on top: twice the weights on disk there."""
+    plain = lambda m: accelerator.unwrap_model(m, keep_torch_compile=False)
 
     def save(models, weights, folder):
         weights.clear()  # accelerate writes no weights file of its own
         for model in models:
-            state = accelerator.get_state_dict(model)  # full tensors (gathered under ZeRO-3)
-            for sub, (prefix, part) in parts(accelerator.unwrap_model(model)).items():
+            state = full_state_dict(accelerator, model)
+            for sub, (prefix, part) in parts(plain(model)).items():
                 if accelerator.is_main_process:
                     own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
                     part.save_pretrained(
@@ -1799,7 +1806,7 @@ def checkpoints_open_as_models(accelerator, tokenizer, parts):
 
     def load(models, folder):
         for model in models:
-            for sub, (_, part) in parts(accelerator.unwrap_model(model)).items():
+            for sub, (_, part) in parts(plain(model)).items():
                 files = sorted((Path(folder) / sub).glob("model*.safetensors"))
                 if not files:
                     raise FileNotFoundError(f"no model*.safetensors in {Path(folder) / sub}")

@@ -503,7 +503,7 @@ def evaluate(accelerator, model, ref_model, scorer, eval_prompts, tokenizer, arg
     it); eval/kl is the summed log-ratio log pi - log pi_ref of those responses against the
     current reference. Each process takes every num_processes-th prompt; sums are reduced. The critic
     is not run."""
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     config = generation_config(tokenizer, args.max_new_tokens, do_sample=False)
     local = eval_prompts[accelerator.process_index :: accelerator.num_processes]
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -556,7 +556,7 @@ def rollout(
     them, and turn scores into per-token rewards, advantages and the critic's targets. -> a dict of
     [B, R] tensors for the update, and `sums`: the global rollout statistics."""
     model.eval()
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     reduce_sum = lambda t: accelerator.reduce(t, "sum")  # global rollout-batch statistics
     prompts = batch["input_ids"].repeat_interleave(args.samples_per_prompt, 0)
     prompt_mask = batch["attention_mask"].repeat_interleave(args.samples_per_prompt, 0)
@@ -648,7 +648,7 @@ def ppo_update(args, accelerator, model, optimizer, scheduler, ro: dict, n_mb: i
     one optimizer step each, its micro-batches of per_device_train_batch_size accumulated. -> the
     local sums of ppo_loss's statistics."""
     model.train()
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     parts = [unwrapped.policy, unwrapped.critic]  # actor and critic clipped, each to its own norm
     reduce_sum = lambda t: accelerator.reduce(t, "sum")
     n_micro, n_rows = args.per_device_train_batch_size, len(ro["prompts"])
@@ -937,13 +937,13 @@ def full_fp32_under_zero3(enable: bool):
 def save_policy(accelerator, model, tokenizer, output_dir, extra: dict | None = None):
     """The policy alone, loadable with plain AutoModelForCausalLM.from_pretrained (ZeRO-3 safe), and
     `extra` ({file name: JSON}) beside it; all moved into place together (write_model_dir)."""
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = full_state_dict(accelerator, model)
 
     def write(folder: Path):
         policy_state = {
             k[len("policy.") :]: v for k, v in state_dict.items() if k.startswith("policy.")
         }
-        policy = accelerator.unwrap_model(model).policy
+        policy = accelerator.unwrap_model(model, keep_torch_compile=False).policy
         policy.save_pretrained(folder, state_dict=policy_state, safe_serialization=True)
         tokenizer.save_pretrained(folder)
         for name, value in (extra or {}).items():
@@ -1882,6 +1882,11 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
+def full_state_dict(accelerator, model) -> dict:
+    """Gathered under ZeRO-3; without torch.compile's `_orig_mod.` (accelerate's --dynamo_backend)."""
+    return {k.removeprefix("_orig_mod."): v for k, v in accelerator.get_state_dict(model).items()}
+
+
 def checkpoints_open_as_models(accelerator, tokenizer, parts):
     """Each checkpoint folder also opens with from_pretrained, as TRL's checkpoint-N does: the model's
     weights are written there by save_pretrained (config.json, model.safetensors under the unwrapped
@@ -1889,12 +1894,13 @@ def checkpoints_open_as_models(accelerator, tokenizer, parts):
     twice, and a resume reads them back from there. parts(unwrapped model) -> {subfolder: (state-dict
     prefix, PreTrainedModel)}. Under DeepSpeed the engine's own files stay (a resume needs them) and the
     save_pretrained copy comes on top: twice the weights on disk there."""
+    plain = lambda m: accelerator.unwrap_model(m, keep_torch_compile=False)
 
     def save(models, weights, folder):
         weights.clear()  # accelerate writes no weights file of its own
         for model in models:
-            state = accelerator.get_state_dict(model)  # full tensors (gathered under ZeRO-3)
-            for sub, (prefix, part) in parts(accelerator.unwrap_model(model)).items():
+            state = full_state_dict(accelerator, model)
+            for sub, (prefix, part) in parts(plain(model)).items():
                 if accelerator.is_main_process:
                     own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
                     part.save_pretrained(
@@ -1905,7 +1911,7 @@ def checkpoints_open_as_models(accelerator, tokenizer, parts):
 
     def load(models, folder):
         for model in models:
-            for sub, (_, part) in parts(accelerator.unwrap_model(model)).items():
+            for sub, (_, part) in parts(plain(model)).items():
                 files = sorted((Path(folder) / sub).glob("model*.safetensors"))
                 if not files:
                     raise FileNotFoundError(f"no model*.safetensors in {Path(folder) / sub}")

@@ -28,7 +28,7 @@ SHARED = [
     "checkpoints_open_as_models", "prune_checkpoints", "check_common_args", "make_accelerator",
     "prepare_for_training", "optimizer_step", "checkpoint_or_stop", "zero3_gathered",
     "truncate_after_eos", "make_train_loader", "count_steps", "prepare_training", "training_steps",
-    "window_metrics",
+    "window_metrics", "full_state_dict",
 ]  # fmt: skip
 
 
