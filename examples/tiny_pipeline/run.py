@@ -1129,6 +1129,7 @@ def collect(a: Args) -> tuple:
     """results.json (its fixed shape; None where a cell has not finished) and details."""
     d = lambda s: seed_dir(a, s)
     load = lambda p: json.loads(p.read_text()) if p.exists() else None
+    chosen = (load(Path(a.output_dir) / "tuning.json") or {}).get("chosen")
     results = {"seeds": list(a.seeds), "budgets": list(a.budgets), "arms": {}, "ablation": {},
                "headroom": {k: [] for k in HEADROOM + ["oracle_kl"]}}  # fmt: skip
     details = {
@@ -1157,7 +1158,11 @@ def collect(a: Args) -> tuple:
                 rows = [load(cell_path(a, "main", s, "gold" if m == "sft" else arm,
                                        "all" if m == "sft" else cell_budget(arm, m, b), m, "final"))
                         for s in a.seeds]  # fmt: skip
-                if m != "sft":
+                if m != "sft":  # a cell of a setting tuning no longer chooses is not reported
+                    want = chosen[arm][str(cell_budget(arm, m, b))][m] if chosen else None
+                    rows = [
+                        r if r and (want is None or r["setting"] == want) else None for r in rows
+                    ]
                     details["cells_done"] += sum(r is not None for r in rows)
                 per[m] = {k: [r.get(k) if r else None for r in rows] for k in METRICS}
                 for key in ("length_error", "gold_finished", "cpu_s"):
@@ -1487,16 +1492,34 @@ def job_seed_and_result(job: tuple) -> tuple:
     return args[1], done
 
 
+TRAINED: set = set()  # (seed, arm, budget) of the reward models trained (or found done) in this run
+
+
+def job_labeller(job: tuple) -> tuple | None:
+    """(seed, arm, budget) of the reward model a job scores with (None: gold, or no labeller)."""
+    fn, a, *args = job
+    if fn is baselines:
+        seed, arm, budget = args
+    elif fn in (cell, final_cell) and args[4] != "sft":
+        seed, arm, budget = args[1], args[2], args[3]
+    else:
+        return None
+    if arm == "gold":
+        return None
+    return seed, arm, max(a.budgets) if budget == "all" or arm == "rm_large" else budget
+
+
 def run_jobs(a: Args, pool, jobs: list, on_done=None, failed: list | None = None) -> list:
-    """run_all, after preparing (data, SFT, reward models) every seed with a job still to compute. A
-    seed whose results are all on disk (computed, or restored by `restore`) is never prepared."""
-    todo = [s for s, done in map(job_seed_and_result, jobs) if not done]
-    seeds = [s for s in dict.fromkeys(todo) if s not in PREPARED]
+    """run_all, after preparing the data and SFT of every seed with a job still to compute, and the
+    reward models those jobs score with. A seed whose results are all on disk (computed, or restored
+    by `restore`) is never prepared."""
+    todo = [j for j in jobs if not job_seed_and_result(j)[1]]
+    seeds = [s for s in dict.fromkeys(job_seed_and_result(j)[0] for j in todo) if s not in PREPARED]
     if seeds:
         PREPARED.update(zip(seeds, run_all(pool, [(prepare_seed, a, s) for s in seeds])))
-        rms = [(s, arm, b) for s in seeds for arm in ("rm_d", "rm_d_noisy") for b in a.budgets]
-        rms += [(s, "rm_large", max(a.budgets)) for s in seeds]
-        run_all(pool, [(train_reward_model, a, *r) for r in rms])
+    rms = [r for r in dict.fromkeys(map(job_labeller, todo)) if r and r not in TRAINED]
+    run_all(pool, [(train_reward_model, a, *r) for r in rms])
+    TRAINED.update(rms)
     return run_all(pool, jobs, on_done, failed)
 
 
@@ -1628,15 +1651,21 @@ def main(a: Args):
 
         print(f"[{time.time() - start:6.0f}s] reported cells; results rewritten as cells finish", flush=True)  # fmt: skip
         failed: list = []
-        for i in range(0, len(a.seeds), 2):  # two seeds at a time, so results come in whole seeds
-            two = a.seeds[i : i + 2]
-            jobs = [(headroom, a, s, "test") for s in two]
-            jobs += [(cell, a, "main", s, "gold", "all", "sft", "final") for s in two]
-            jobs += [(baselines, a, s, arm, b) for s in two for arm in ARMS for b in a.budgets]
-            jobs += [(final_cell, a, "main", s, arm, b, m, chosen[arm][str(b)][m])
-                     for s in two for arm, b, m in points]  # fmt: skip
-            jobs += [(cell, a, "ablation", s, "gold", min(a.budgets), "ppo", v)
-                     for v in ABLATION if v != "large_batch" for s in two]  # fmt: skip
+        # Two seeds at a time, so results come in whole seeds. First the seeds with a primary
+        # contrast's cell left to compute, and every job that needs no reward model of its seed;
+        # then the rest (restored seeds may have a cell to redo after a changed tuning choice,
+        # whose reward model a lost work/ no longer holds).
+        prim = {(arm, m) for arm, x, y in PRIMARY for m in (x, y)}
+        todo = {s: [j for j in seed_jobs(a, s, points, chosen) if not job_seed_and_result(j)[1]] for s in a.seeds}  # fmt: skip
+        urgent = {
+            s: any(j[0] is final_cell and (j[4], j[6]) in prim for j in todo[s]) for s in a.seeds
+        }
+        order = sorted(a.seeds, key=lambda s: (not urgent[s], -len(todo[s])))
+        passes = [lambda j, s: urgent[s] or job_labeller(j) is None, lambda j, s: True]
+        for i, keep in [(i, k) for k in passes for i in range(0, len(order), 2)]:
+            jobs = [
+                j for s in order[i : i + 2] for j in seed_jobs(a, s, points, chosen) if keep(j, s)
+            ]
             report = lambda: write_report(a, {**extra, "seeds_prepared": prepared()}, time.time() - start, final=False)  # fmt: skip
             run_jobs(a, pool, jobs, on_done=report, failed=failed)
         extra["seeds_prepared"] = prepared()
@@ -1644,6 +1673,15 @@ def main(a: Args):
     if failed:
         raise StudyError(f"{len(failed)} cells failed (run again to retry them), e.g. {failed[0]}")
     print(f"[{time.time() - start:6.0f}s] done: {Path(a.results_dir) / 'results.md'}", flush=True)
+
+
+def seed_jobs(a: Args, s: int, points: list, chosen: dict) -> list:
+    """Every reported job of seed s: headroom, SFT, baselines, the chosen settings' cells, ablation."""
+    jobs = [(headroom, a, s, "test"), (cell, a, "main", s, "gold", "all", "sft", "final")]
+    jobs += [(baselines, a, s, arm, b) for arm in ARMS for b in a.budgets]
+    jobs += [(final_cell, a, "main", s, arm, b, m, chosen[arm][str(b)][m]) for arm, b, m in points]
+    jobs += [(cell, a, "ablation", s, "gold", min(a.budgets), "ppo", v) for v in ABLATION if v != "large_batch"]  # fmt: skip
+    return jobs
 
 
 def final_cell(a: Args, kind: str, seed: int, arm: str, budget, method: str, setting: str) -> dict:
