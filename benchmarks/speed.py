@@ -321,8 +321,10 @@ class Marks:
             self.at[step] = (time.process_time(), time.perf_counter())
 
 
-def run_script(module, args: dict, mark):
-    """The script's own main(); the clock is read when it logs the marked steps."""
+def run_script(module, args: dict, mark, dynamo_backend: str = "no"):
+    """The script's own main(); the clock is read when it logs the marked steps. dynamo_backend: what
+    `accelerate launch --dynamo_backend` sets (torch.compile of the model in accelerator.prepare)."""
+    os.environ["ACCELERATE_DYNAMO_BACKEND"] = dynamo_backend.upper()  # in the forked child only
     log = module.MetricsLog.log
 
     def timed_log(self, metrics, step):
@@ -411,6 +413,9 @@ def main(argv=None):
     parser.add_argument("--rev", default=None, help="measure the scripts of this git revision")
     parser.add_argument("--stages", default="sft,rm,dpo,ppo", help="a comma-separated subset")
     parser.add_argument("--out", default=None, help="also write the table to this file")
+    parser.add_argument("--dynamo_backend", default="no",
+                        help="the scripts' side as under `accelerate launch --dynamo_backend` (e.g. "
+                        "inductor: torch.compile; compiling falls in the warm-up steps)")  # fmt: skip
     opts = parser.parse_args(argv)
     cfg = settings(opts.quick)
     repeats = opts.repeats or cfg["repeats"]
@@ -427,7 +432,7 @@ def main(argv=None):
             for side in ["script", "bare"] if r % 2 == 0 else ["bare", "script"]:
                 args = {**args, "output_dir": str(WORK / f"run-{i}-{r}-{side}")}
                 if side == "script":
-                    fn = lambda mark, s=s, args=args: run_script(under_test[s], args, mark)
+                    fn = lambda mark, s=s, args=args: run_script(under_test[s], args, mark, opts.dynamo_backend)  # fmt: skip
                 else:
                     fn = lambda mark, s=s, args=args, bare=bare: bare(math_of[s], args, mark)
                 runs[i][side].append(measure(fn, first, last))
@@ -435,7 +440,9 @@ def main(argv=None):
                 print(f"{SCRIPTS[s]}, {setting}, repeat {r + 1}, {side}: {runs[i][side][-1]}",
                       file=sys.stderr)  # fmt: skip
     rows = []
+    compiled = "" if opts.dynamo_backend == "no" else f"; script compiled ({opts.dynamo_backend})"
     for (s, _, _, setting, _, _), run in zip(rows_to_run, runs):
+        setting += compiled
         ratios = [a["cpu"] / b["cpu"] for a, b in zip(run["script"], run["bare"])]
         rows.append({"script": SCRIPTS[s], "setting": setting, "ratio": statistics.median(ratios),
                      "ratios": ratios, **{f"cpu_{k}": statistics.median(x["cpu"] for x in v)
