@@ -47,7 +47,10 @@ Outputs: results.json (shape: seeds, budgets, arms.<arm>.{labeller_accuracy, met
 headroom, preregistered, holm, ablation), details.json, results.md, headroom.json (the gate), all
 rewritten after every finished cell, so a long run can be committed in parts. Everything is
 resumable: a finished cell (kind, labeller, budget, method, setting, seed) is never redone, and a stage
-whose recorded settings differ from the wanted ones is redone. `--estimate` prints the CPU cost plan.
+whose recorded settings differ from the wanted ones is redone. The committed results are enough to
+resume from: a run whose work/ was lost writes back the finished cells from results.json,
+details.json and headroom.json (`restore`) and prepares a seed (data, SFT, the reward models its jobs
+need) only when one of its jobs must still run. `--estimate` prints the CPU cost plan.
 
     python examples/tiny_pipeline/run.py --estimate     # CPU-s of the whole design, from unit costs
     nice -n 19 python examples/tiny_pipeline/run.py --gate   # the headroom gate (tuning seeds only)
