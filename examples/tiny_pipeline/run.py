@@ -1521,6 +1521,13 @@ def run_jobs(a: Args, pool, jobs: list, on_done=None, failed: list | None = None
     if seeds:
         PREPARED.update(zip(seeds, run_all(pool, [(prepare_seed, a, s) for s in seeds])))
     rms = [r for r in dict.fromkeys(map(job_labeller, todo)) if r and r not in TRAINED]
+    for r in rms:  # a restored reward model whose weights were lost: retraining gives another
+        rm = seed_dir(a, r[0]) / rm_name(r[1], r[2])  # labeller, so its cells are all redone
+        if (rm / "checks.json").exists() and not (rm / "stage.json").exists():
+            for j in jobs:
+                if job_labeller(j) == r and j[0] in (final_cell, baselines):
+                    path = cell_path(a, "main", *j[2:5], "sft", "baselines") if j[0] is baselines else cell_path(a, *j[2:7], "final")  # fmt: skip
+                    path.unlink(missing_ok=True)
     run_all(pool, [(train_reward_model, a, *r) for r in rms])
     TRAINED.update(rms)
     return run_all(pool, jobs, on_done, failed)
@@ -1563,8 +1570,11 @@ def restore(a: Args) -> dict:
             )
         for arm, body in results["arms"].items():
             for b, bb in body["budgets"].items():
+                rm = seed_dir(a, s) / rm_name(arm, int(b))
+                if arm != "gold" and (rm / "stage.json").exists():
+                    continue  # a reward model trained again here: its cells are computed anew
                 if len(checks := details["reward_models"].get(f"{arm} {b}", [])) == len(seeds):
-                    put(seed_dir(a, s) / rm_name(arm, int(b)) / "checks.json", checks[i])
+                    put(rm / "checks.json", checks[i])
                 if bb["baselines"]["best_of_2"][i] is not None:
                     put(cell_path(a, "main", s, arm, int(b), "sft", "baselines"),
                         {k: v[i] for k, v in bb["baselines"].items()})  # fmt: skip
@@ -1654,18 +1664,19 @@ def main(a: Args):
 
         print(f"[{time.time() - start:6.0f}s] reported cells; results rewritten as cells finish", flush=True)  # fmt: skip
         failed: list = []
-        # Two seeds at a time, so results come in whole seeds. First the seeds with a primary
-        # contrast's cell left to compute, and every job that needs no reward model of its seed;
-        # then the rest (restored seeds may have a cell to redo after a changed tuning choice,
-        # whose reward model a lost work/ no longer holds).
+        # Two seeds at a time, so results come in whole seeds; first the seeds with a primary
+        # contrast's cell left. Of a restored seed with none left, only the jobs that need no
+        # reward model run: its reward models were lost with work/, and a retrained one is another
+        # labeller (retraining differs), so a cell it would redo (a changed tuning choice) is left
+        # out of the report rather than labelled by a different model than the seed's others.
         prim = {(arm, m) for arm, x, y in PRIMARY for m in (x, y)}
         todo = {s: [j for j in seed_jobs(a, s, points, chosen) if not job_seed_and_result(j)[1]] for s in a.seeds}  # fmt: skip
         urgent = {
             s: any(j[0] is final_cell and (j[4], j[6]) in prim for j in todo[s]) for s in a.seeds
         }
         order = sorted(a.seeds, key=lambda s: (not urgent[s], -len(todo[s])))
-        passes = [lambda j, s: urgent[s] or job_labeller(j) is None, lambda j, s: True]
-        for i, keep in [(i, k) for k in passes for i in range(0, len(order), 2)]:
+        keep = lambda j, s: urgent[s] or job_labeller(j) is None
+        for i in range(0, len(order), 2):
             jobs = [
                 j for s in order[i : i + 2] for j in seed_jobs(a, s, points, chosen) if keep(j, s)
             ]
