@@ -1524,10 +1524,10 @@ def run_jobs(a: Args, pool, jobs: list, on_done=None, failed: list | None = None
     for r in rms:  # a restored reward model whose weights were lost: retraining gives another
         rm = seed_dir(a, r[0]) / rm_name(r[1], r[2])  # labeller, so its cells are all redone
         if (rm / "checks.json").exists() and not (rm / "stage.json").exists():
-            for j in jobs:
-                if job_labeller(j) == r and j[0] in (final_cell, baselines):
-                    path = cell_path(a, "main", *j[2:5], "sft", "baselines") if j[0] is baselines else cell_path(a, *j[2:7], "final")  # fmt: skip
-                    path.unlink(missing_ok=True)
+            keys = [*map(str, a.budgets), "all"] if r[1] == "rm_large" else [str(r[2])]
+            for k in keys:  # cells/main/<arm>/<budget>/<method>/<setting>/seed_<s>.json
+                for path in (Path(a.output_dir) / "cells" / "main" / r[1] / k).glob(f"*/*/seed_{r[0]}.json"):  # fmt: skip
+                    path.unlink()
     run_all(pool, [(train_reward_model, a, *r) for r in rms])
     TRAINED.update(rms)
     return run_all(pool, jobs, on_done, failed)
@@ -1665,18 +1665,23 @@ def main(a: Args):
         print(f"[{time.time() - start:6.0f}s] reported cells; results rewritten as cells finish", flush=True)  # fmt: skip
         failed: list = []
         # Two seeds at a time, so results come in whole seeds; first the seeds with a primary
-        # contrast's cell left. Of a restored seed with none left, only the jobs that need no
-        # reward model run: its reward models were lost with work/, and a retrained one is another
-        # labeller (retraining differs), so a cell it would redo (a changed tuning choice) is left
-        # out of the report rather than labelled by a different model than the seed's others.
+        # contrast's cell left, in two passes: the primary contrasts' cells and the gold arm's at
+        # the largest budget (the headroom criterion), then the rest. Of a restored seed with no
+        # primary cell left, only the jobs that need no reward model run: its reward models were
+        # lost with work/, and a retrained one is another labeller (retraining differs), so a cell
+        # it would redo (a changed tuning choice) is left out rather than labelled by another model.
         prim = {(arm, m) for arm, x, y in PRIMARY for m in (x, y)}
         todo = {s: [j for j in seed_jobs(a, s, points, chosen) if not job_seed_and_result(j)[1]] for s in a.seeds}  # fmt: skip
         urgent = {
             s: any(j[0] is final_cell and (j[4], j[6]) in prim for j in todo[s]) for s in a.seeds
         }
         order = sorted(a.seeds, key=lambda s: (not urgent[s], -len(todo[s])))
-        keep = lambda j, s: urgent[s] or job_labeller(j) is None
-        for i in range(0, len(order), 2):
+        first = lambda j: j[0] is headroom or (
+            j[0] in (cell, final_cell) and j[2] == "main"
+            and ((j[4], j[6]) in prim or (j[4] == "gold" and j[5] in ("all", max(a.budgets))))
+        )  # fmt: skip
+        passes = [lambda j, s: urgent[s] and first(j), lambda j, s: urgent[s] or job_labeller(j) is None]  # fmt: skip
+        for i, keep in [(i, k) for k in passes for i in range(0, len(order), 2)]:
             jobs = [
                 j for s in order[i : i + 2] for j in seed_jobs(a, s, points, chosen) if keep(j, s)
             ]
