@@ -1884,7 +1884,8 @@ def save_checkpoint(
 
 def full_state_dict(accelerator, model) -> dict:
     """Gathered under ZeRO-3; without torch.compile's `_orig_mod.` (accelerate's --dynamo_backend)."""
-    return {k.removeprefix("_orig_mod."): v for k, v in accelerator.get_state_dict(model).items()}
+    state = accelerator.get_state_dict(model)  # None but on the main process under ZeRO-3
+    return None if state is None else {k.removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
 def checkpoints_open_as_models(accelerator, tokenizer, parts):

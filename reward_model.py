@@ -1236,7 +1236,8 @@ def prepare_output_dir(args, resume_from: Path | None, num_processes: int, train
 
 def full_state_dict(accelerator, model) -> dict:
     """Gathered under ZeRO-3; without torch.compile's `_orig_mod.` (accelerate's --dynamo_backend)."""
-    return {k.removeprefix("_orig_mod."): v for k, v in accelerator.get_state_dict(model).items()}
+    state = accelerator.get_state_dict(model)  # None but on the main process under ZeRO-3
+    return None if state is None else {k.removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
 def save_model(accelerator, model, tokenizer, output_dir):
