@@ -1516,8 +1516,9 @@ def run_jobs(a: Args, pool, jobs: list, on_done=None, failed: list | None = None
     """run_all, after preparing the data and SFT of every seed with a job still to compute, and the
     reward models those jobs score with. A seed whose results are all on disk (computed, or restored
     by `restore`) is never prepared."""
-    todo = [j for j in jobs if not job_seed_and_result(j)[1]]
-    seeds = [s for s in dict.fromkeys(job_seed_and_result(j)[0] for j in todo) if s not in PREPARED]
+    status = [(j, *job_seed_and_result(j)) for j in jobs]  # (job, seed, done)
+    todo = [j for j, _, done in status if not done]
+    seeds = [s for s in dict.fromkeys(s for _, s, done in status if not done) if s not in PREPARED]
     if seeds:
         PREPARED.update(zip(seeds, run_all(pool, [(prepare_seed, a, s) for s in seeds])))
     rms = [r for r in dict.fromkeys(map(job_labeller, todo)) if r and r not in TRAINED]
@@ -1706,8 +1707,8 @@ def seed_jobs(a: Args, s: int, points: list, chosen: dict) -> list:
 def final_cell(a: Args, kind: str, seed: int, arm: str, budget, method: str, setting: str) -> dict:
     """A reported cell at the chosen setting, also stored as 'final' so the report finds it."""
     path = cell_path(a, kind, seed, arm, budget, method, "final")
-    if path.exists() and json.loads(path.read_text())["setting"] == setting:
-        return json.loads(path.read_text())
+    if path.exists() and (done := json.loads(path.read_text()))["setting"] == setting:
+        return done
     result = cell(a, kind, seed, arm, budget, method, setting)
     write_json(path, {**result, "setting": setting})
     return result
